@@ -1,0 +1,155 @@
+"""The TGLoRA linear: one frozen matmul over all streams, then every group's low-rank delta in one batched matmul."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+
+class TGLoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("tglora_A", "tglora_B", "tglora_shared_A", "tglora_shared_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "shared_scaling", "tglora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.shared_scaling: dict[str, float] = {}
+        self.tglora_dropout = nn.ModuleDict({})
+        self.tglora_A = nn.ParameterDict({})  # [G, r, in]
+        self.tglora_B = nn.ParameterDict({})  # [G, out, r]
+        self.tglora_shared_A = nn.ParameterDict({})  # [shared_r, in], only where G > 1
+        self.tglora_shared_B = nn.ParameterDict({})  # [out, shared_r]
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"TGLoRA adapts `torch.nn.Linear` layers only, got {type(base).__name__}; "
+                "narrow `target_modules` to the attention and MLP linears."
+            )
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        num_groups: int,
+        r: int,
+        lora_alpha: int,
+        lora_dropout: float = 0.0,
+        shared_r: int = 0,
+        init_lora_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {r}.")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.tglora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.tglora_A[adapter_name] = nn.Parameter(torch.empty(num_groups, r, self.in_features))
+        self.tglora_B[adapter_name] = nn.Parameter(torch.empty(num_groups, self.out_features, r))
+        if shared_r > 0 and num_groups > 1:
+            self.shared_scaling[adapter_name] = lora_alpha / shared_r
+            self.tglora_shared_A[adapter_name] = nn.Parameter(torch.empty(shared_r, self.in_features))
+            self.tglora_shared_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, shared_r))
+        self.reset_parameters(adapter_name, init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
+        # as LoRA: A ~ kaiming-uniform per group, B = 0 so that every stream starts as the base model
+        pairs = [(self.tglora_A, self.tglora_B)]
+        if adapter_name in self.tglora_shared_A:
+            pairs.append((self.tglora_shared_A, self.tglora_shared_B))
+        for a_dict, b_dict in pairs:
+            a, b = a_dict[adapter_name], b_dict[adapter_name]
+            bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix
+            a.uniform_(-bound, bound)
+            if init_lora_weights:
+                b.zero_()
+            else:
+                b.uniform_(-bound, bound)
+
+    def num_groups(self, adapter_name: str) -> int:
+        return self.tglora_A[adapter_name].shape[0]
+
+    def delta_weight(self, adapter_name: str, group: int) -> torch.Tensor:
+        """The update that `group`'s rows see, as a `[out, in]` matrix (used by merge and export)."""
+        a, b = self.tglora_A[adapter_name][group], self.tglora_B[adapter_name][group]
+        delta = (b.float() @ a.float()) * self.scaling[adapter_name]
+        if adapter_name in self.tglora_shared_A:
+            sa, sb = self.tglora_shared_A[adapter_name], self.tglora_shared_B[adapter_name]
+            delta = delta + (sb.float() @ sa.float()) * self.shared_scaling[adapter_name]
+        return delta.to(self.get_base_layer().weight.dtype)
+
+
+class Linear(nn.Module, TGLoraLayer):
+    """A TGLoRA-adapted `nn.Linear`. Inputs keep the stream layout: dim 0 is group-major, `[G * n, ..., in]`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, num_groups: int, **kwargs) -> None:
+        super().__init__()
+        TGLoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, num_groups, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge adapters whose stage has a single group; grouped stages cannot merge and keep running unmerged."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.tglora_A or self.num_groups(name) != 1:
+                continue
+            delta = self.delta_weight(name, 0)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs would appear in {name!r} after merging; the adapter is broken.")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data -= self.delta_weight(name, 0)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.tglora_A or name in self.merged_adapters:
+                continue
+            a, b = self.tglora_A[name], self.tglora_B[name]
+            groups = a.shape[0]
+            x_in = self._cast_input_dtype(self.tglora_dropout[name](x), a.dtype)
+            if x_in.shape[0] % groups:
+                raise RuntimeError(
+                    f"A TGLoRA layer with {groups} groups got {x_in.shape[0]} rows on dim 0, not a multiple of "
+                    f"{groups}: the stream split did not run. Was the stage hook removed, or the layer called "
+                    "outside its backbone?"
+                )
+            xg = x_in.reshape(groups, -1, self.in_features)  # [G, n, in], rows of group g are contiguous
+            delta = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2))  # [G, n, out]
+            delta = delta.reshape(*x.shape[:-1], self.out_features) * self.scaling[name]
+            if name in self.tglora_shared_A:
+                shared = x_in @ self.tglora_shared_A[name].t() @ self.tglora_shared_B[name].t()
+                delta = delta + shared * self.shared_scaling[name]
+            result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "tglora." + super().__repr__()

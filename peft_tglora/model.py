@@ -1,0 +1,243 @@
+"""`TGLoraModel`: puts TGLoRA layers into each stage, splits the streams at stage boundaries, and hands every task
+its per-stage features."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from torch import nn
+
+from .backbones import BACKBONES, backbone_core, get_backbone_spec
+from .config import TGLoraConfig
+from .layer import Linear, TGLoraLayer
+from .tree import TaskTree
+
+
+class TGLoraModel(BaseTuner):
+    """
+    Task-grouped LoRA on a hierarchical vision backbone (Swin, Swinv2, PVT, PVTv2, SegFormer).
+
+    Streams are stacked along the batch, group-major: inside a stage with G groups, rows `[g*B, (g+1)*B)` of every
+    tensor are group g's stream. The model's own outputs (`last_hidden_state`, `pooler_output`, ...) keep that layout
+    (`G_last * B` rows). Each output also carries `task_features`: `{task: (map_stage_0, ..., map_stage_S-1)}`, each
+    map `[B, C_s, H_s, W_s]`, the stream of the task's group at that stage (views, no copies).
+
+    Example:
+
+        ```py
+        >>> import peft_tglora
+        >>> from peft import get_peft_model
+        >>> config = peft_tglora.TGLoraConfig(tasks=["semseg", "depth"], task_groups="1,1,1,2", r=8)
+        >>> model = get_peft_model(swin, config)
+        >>> model(pixel_values).task_features["depth"][3].shape
+        ```
+    """
+
+    prefix: str = "tglora_"
+    tuner_layer_cls = TGLoraLayer
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {name: list(spec.target_modules) for name, spec in BACKBONES.items()}
+
+    # ------------------------------------------------------------------ injection
+
+    def _prepare_adapter_config(self, peft_config: TGLoraConfig, model_config: dict) -> TGLoraConfig:
+        model_type, spec = get_backbone_spec(self.model)
+        num_stages = len(spec.split_modules(backbone_core(self.model)))
+        peft_config.resolve_for_backbone(num_stages, f"{type(self.model).__name__} ({model_type})")
+        if peft_config.target_modules is None:
+            peft_config.target_modules = list(spec.target_modules)
+        return peft_config
+
+    def _prepare_model(self, peft_config: TGLoraConfig, model: nn.Module) -> None:
+        _, spec = get_backbone_spec(model)
+        stage_of = {id(m): s for s, mods in enumerate(spec.stage_containers(backbone_core(model))) for m in mods}
+        self._stage_prefixes = [
+            (name + ".", stage_of[id(m)]) for name, m in model.named_modules() if id(m) in stage_of
+        ]
+
+    def _stage_of_key(self, key: str) -> int:
+        for prefix, stage in self._stage_prefixes:
+            if key.startswith(prefix):
+                return stage
+        raise ValueError(
+            f"Module {key!r} matches `target_modules` but lies outside every stage of the backbone, so it has no "
+            "task groups; narrow `target_modules` (or add it to `exclude_modules`)."
+        )
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        stage = self._stage_of_key(current_key)
+        tree = config.task_tree
+        layer_kwargs = dict(
+            num_groups=tree.groups_per_stage[stage],
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            shared_r=config.shared_r,
+            init_lora_weights=config.init_lora_weights,
+        )
+        if isinstance(target, TGLoraLayer):
+            target.update_layer(adapter_name, inference_mode=config.inference_mode, **layer_kwargs)
+            return
+        new_module = Linear(target, adapter_name, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            # adding an additional adapter: it is not automatically trainable
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        # PEFT runs _post_injection_hook for the first adapter only; add_adapter/load_adapter come through here too
+        super().inject_adapter(model, adapter_name, **kwargs)
+        if not getattr(self, "_hook_handles", None):
+            self._install_stream_hooks(model)
+
+    # ------------------------------------------------------------------ streams
+
+    def _active_tree(self) -> TaskTree | None:
+        trees = {self.peft_config[name].task_tree for name in self.active_adapters if name in self.peft_config}
+        if len(trees) > 1:
+            raise ValueError(
+                f"The active adapters {self.active_adapters} have different task trees; streams follow one tree, so "
+                "activate one of them with `set_adapter(name)`."
+            )
+        return trees.pop() if trees else None
+
+    def _install_stream_hooks(self, model: nn.Module) -> None:
+        _, spec = get_backbone_spec(model)
+        core = backbone_core(model)
+        self._undo_patch = spec.patch(core) if spec.patch is not None else None
+        self._stage_features: dict[int, torch.Tensor] = {}
+        self._call_tree: TaskTree | None = None
+        handles = []
+        for stage, module in enumerate(spec.split_modules(core)):
+            handles.append(module.register_forward_pre_hook(self._make_split_hook(stage), with_kwargs=True))
+        for stage, module in enumerate(spec.feature_modules(core)):
+            handles.append(
+                module.register_forward_hook(self._make_feature_hook(stage, spec.feature_fn), with_kwargs=True)
+            )
+        handles.append(model.register_forward_pre_hook(self._begin_call))
+        handles.append(model.register_forward_hook(self._attach_task_features))
+        self._hook_handles = handles
+
+    def _remove_stream_hooks(self) -> None:
+        for handle in getattr(self, "_hook_handles", []):
+            handle.remove()
+        self._hook_handles = []
+        if getattr(self, "_undo_patch", None) is not None:
+            self._undo_patch()
+            self._undo_patch = None
+
+    def _begin_call(self, module, args):
+        self._stage_features = {}
+        self._call_tree = self._active_tree()
+        # with adapters disabled the model is the base model: one stream that every task reads
+        self._call_splits = not getattr(self, "_streams_disabled", False)
+
+    def _make_split_hook(self, stage: int):
+        def split_streams(module, args, kwargs):
+            tree = self._call_tree
+            if tree is None or not self._call_splits or not tree.splits_at(stage):
+                return None
+            hidden = args[0]
+            parents = tree.parent_indices[stage]
+            previous = 1 if stage == 0 else tree.groups_per_stage[stage - 1]
+            streams = hidden.reshape(previous, -1, *hidden.shape[1:])  # [G_prev, B, ...]
+            index = torch.tensor(parents, device=hidden.device)
+            hidden = streams.index_select(0, index).reshape(-1, *hidden.shape[1:])  # [G * B, ...], child = parent
+            return (hidden, *args[1:]), kwargs
+
+        return split_streams
+
+    def _make_feature_hook(self, stage: int, feature_fn):
+        def record(module, args, kwargs, output):
+            if self._call_tree is not None:
+                self._stage_features[stage] = feature_fn(module, args, kwargs, output)
+
+        return record
+
+    def _attach_task_features(self, module, args, output):
+        tree, features = self._call_tree, self._stage_features
+        self._call_tree, self._stage_features = None, {}
+        if tree is None or not hasattr(output, "keys") or len(features) != tree.num_stages:
+            return output
+        stages = range(tree.num_stages)
+        if not self._call_splits:
+            output["task_features"] = {task: tuple(features[s] for s in stages) for task in tree.tasks}
+            return output
+        batch = features[0].shape[0] // tree.groups_per_stage[0]
+        streams = [features[s].view(tree.groups_per_stage[s], batch, *features[s].shape[1:]) for s in stages]
+        output["task_features"] = {
+            task: tuple(streams[s][tree.group_of(task, s)] for s in stages) for task in tree.tasks
+        }
+        return output
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # with adapters off the model must be the base model: one stream, no split
+        self._streams_disabled = not enabled
+        super()._enable_adapter_layers(enabled)
+
+    # ------------------------------------------------------------------ merge and export
+
+    def _grouped_adapters(self, adapter_names: list[str] | None) -> list[str]:
+        names = adapter_names or self.active_adapters
+        return [n for n in names if max(self.peft_config[n].task_tree.groups_per_stage) > 1]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge every stage that has one group into the base weights; grouped stages keep running as adapters."""
+        for name in self._grouped_adapters(adapter_names):
+            counts = self.peft_config[name].task_tree.groups_per_stage
+            grouped = [s for s, c in enumerate(counts) if c > 1]
+            warnings.warn(
+                f"Adapter {name!r}: stages {grouped} have several task groups and cannot merge into one weight; "
+                "they keep running unmerged (use `export_task(task)` for one task's fully merged backbone).",
+                stacklevel=2,
+            )
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        grouped = self._grouped_adapters(adapter_names)
+        if grouped:
+            raise ValueError(
+                f"Adapter(s) {grouped} have stages with several task groups, which one weight matrix cannot hold. "
+                "Use `merge_adapter()` to merge the one-group stages in place, or `export_task(task)` for a plain "
+                "backbone that computes one task's features."
+            )
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self._remove_stream_hooks()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    @contextmanager
+    def _without_stream_hooks(self):
+        self._remove_stream_hooks()
+        try:
+            yield
+        finally:
+            self._install_stream_hooks(self.model)
+
+    @torch.no_grad()
+    def export_task(self, task: str, adapter_name: str | None = None) -> nn.Module:
+        """A plain copy of the backbone, with `task`'s path merged in: its outputs equal `task_features[task]`."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        tree = self.peft_config[adapter_name].task_tree
+        if task not in tree.tasks:
+            raise ValueError(f"Unknown task {task!r}; adapter {adapter_name!r} serves {list(tree.tasks)}.")
+        with self._without_stream_hooks():
+            exported = copy.deepcopy(self.model)
+        exported.__dict__.pop("peft_config", None)
+        for key, module in list(exported.named_modules()):
+            if not isinstance(module, TGLoraLayer):
+                continue
+            base = module.get_base_layer()
+            for merged in module.merged_adapters:  # merged stages are in the base weight: take them out first
+                base.weight -= module.delta_weight(merged, 0)
+            if adapter_name in module.tglora_A:
+                stage = self._stage_of_key(key)
+                base.weight += module.delta_weight(adapter_name, tree.group_of(task, stage))
+            parent, _, name = _get_submodules(exported, key)
+            setattr(parent, name, base)
+        return exported
