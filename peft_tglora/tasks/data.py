@@ -1,0 +1,313 @@
+"""
+Data sets for multi-task dense prediction: loading (local folder or Hub), decoding to tensors, batching.
+
+`load_multitask_dataset` returns a `datasets.Dataset` with an `"image"` column and one column per task, in any of the
+stored forms `decode_example` understands (PIL images, numpy arrays / nested lists, or paths to .png / .jpg / .npy
+files). `MultiTaskDataset` decodes and transforms rows into tensors; `collate` stacks them into the batch dict the
+heads and losses take. docs/TASKS.md documents the folder layout and the label encodings.
+
+`datasets` is imported inside the functions that need it, so `import peft_tglora` works without the `train` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .specs import get_dataset_spec, get_task_spec
+
+
+IMAGE_DIR = "images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABEL_SUFFIXES = {  # searched in order
+    "semseg": (".png",),
+    "human_parts": (".png",),
+    "saliency": (".png",),
+    "edges": (".png",),
+    "normals": (".npy", ".png"),
+    "depth": (".npy", ".png"),
+}
+
+
+# ---------------------------------------------------------------- decoding
+def _to_array(value) -> np.ndarray:
+    """PIL image, array, nested list, `{"bytes"/"path"}` dict (an undecoded `datasets.Image`) or file path → array."""
+    from PIL import Image
+
+    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
+        import io
+
+        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else value["path"]
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"Label file {str(path)!r} does not exist.")
+        return np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path))
+    if isinstance(value, Image.Image):
+        return np.asarray(value)
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    return np.asarray(value)
+
+
+def decode_image(value) -> torch.Tensor:
+    """RGB image → float `[3, H, W]` in [0, 1]; greyscale is repeated and an alpha channel dropped."""
+    x = _to_array(value)
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    x = x[..., :3]
+    scale = 255.0 if x.dtype == np.uint8 else (65535.0 if x.dtype == np.uint16 else 1.0)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale).permute(2, 0, 1).contiguous()
+
+
+def decode_label(task: str, value) -> torch.Tensor:
+    """
+    One stored label → the tensor format of the batch.
+
+    - semseg, human_parts: class ids → long `[H, W]`, 255 = ignore.
+    - saliency, edges: 8-bit 0 / 255 (or 0 / 1) images, or arrays of 0 / 1 with 255 = ignore → float `[H, W]`.
+    - normals: float `[H, W, 3]` or `[3, H, W]` in [-1, 1], or an 8-bit RGB PNG with n = 2 v / 255 - 1 → float
+      `[3, H, W]` of unit vectors; vectors with length outside [0.5, 1.5] (e.g. zeros, or RGB 0,0,0 / 128,128,128)
+      are invalid and become 0.
+    - depth: float metres, or an integer (16-bit PNG) in millimetres → float `[H, W]`, 0 = invalid.
+    """
+    get_task_spec(task)
+    x = _to_array(value)
+    if task in ("semseg", "human_parts"):
+        if x.ndim == 3:
+            raise ValueError(f"{task} labels must be single-channel class-id maps, got shape {x.shape}.")
+        return torch.from_numpy(x.astype(np.int64))
+    if task in ("saliency", "edges"):
+        x = x[..., 0] if x.ndim == 3 else x
+        if x.dtype == np.uint8 and x.max(initial=0) > 1:
+            x = x > 127  # 8-bit images encode positives as 255, so they cannot carry an ignore value
+        return torch.from_numpy(x.astype(np.float32))
+    if task == "normals":
+        if x.ndim != 3 or 3 not in (x.shape[0], x.shape[-1]):
+            raise ValueError(f"normals must be [H, W, 3] or [3, H, W], got shape {x.shape}.")
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) * (2.0 / 255.0) - 1.0
+        x = np.moveaxis(x, -1, 0) if x.shape[-1] == 3 and x.shape[0] != 3 else x
+        n = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        length = n.norm(dim=0, keepdim=True)
+        valid = (length >= 0.5) & (length <= 1.5)
+        return torch.where(valid, n / length.clamp_min(1e-12), torch.zeros_like(n))
+    if task == "depth":
+        x = x[..., 0] if x.ndim == 3 else x
+        scale = 1000.0 if np.issubdtype(x.dtype, np.integer) else 1.0
+        return torch.from_numpy(x.astype(np.float32) / scale)
+    raise ValueError(f"No decoder for task {task!r}.")
+
+
+def decode_example(example: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A row of a multi-task data set → `{"image": [3, H, W], task: label, ...}`, checking that sizes agree."""
+    sample = {"image": decode_image(example["image"])}
+    size = tuple(sample["image"].shape[-2:])
+    for task in tasks:
+        if task not in example:
+            raise KeyError(f"The example has no column {task!r}; it has {sorted(example)}.")
+        label = decode_label(task, example[task])
+        if tuple(label.shape[-2:]) != size:
+            raise ValueError(f"The {task} label is {tuple(label.shape[-2:])} but its image is {size}.")
+        sample[task] = label
+    return sample
+
+
+class MultiTaskDataset(torch.utils.data.Dataset):
+    """A map-style torch view of a multi-task `datasets.Dataset`: decode a row, then apply the paired `transform`."""
+
+    def __init__(self, dataset, tasks: Sequence[str], transform: Callable[[dict], dict] | None = None):
+        self.dataset, self.tasks, self.transform = dataset, list(tasks), transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = decode_example(self.dataset[int(index)], self.tasks)
+        return self.transform(sample) if self.transform is not None else sample
+
+
+def collate(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack a list of samples with the same keys and sizes into a batch dict."""
+    if not samples:
+        raise ValueError("Cannot collate an empty list of samples.")
+    keys = list(samples[0])
+    for i, s in enumerate(samples):
+        if list(s) != keys:
+            raise ValueError(f"Sample {i} has keys {list(s)} but sample 0 has {keys}.")
+    try:
+        return {k: torch.stack([s[k] for s in samples]) for k in keys}
+    except RuntimeError as e:
+        raise ValueError(
+            f"Samples have different sizes ({e}); resize or crop them to one size (transforms.Resize / RandomCrop)."
+        ) from e
+
+
+# ---------------------------------------------------------------- loading
+def _find(directory: Path, stem: str, suffixes: Sequence[str]) -> Path | None:
+    for suffix in suffixes:
+        if (directory / f"{stem}{suffix}").is_file():
+            return directory / f"{stem}{suffix}"
+    return None
+
+
+def _load_folder(root: Path, split: str, tasks: Sequence[str]):
+    import datasets
+
+    split_dir = root / split
+    image_dir = split_dir / IMAGE_DIR
+    if not image_dir.is_dir():
+        raise FileNotFoundError(
+            f"No image folder {str(image_dir)!r}; the layout is root/<split>/images/<id>.jpg plus root/<split>/<task>/"
+            "<id>.png|.npy (docs/TASKS.md)."
+        )
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"{str(image_dir)!r} holds no {'/'.join(IMAGE_SUFFIXES)} image.")
+    columns: dict[str, list] = {"id": [p.stem for p in images], "image": [str(p) for p in images]}
+    for task in tasks:
+        found = [_find(split_dir / task, p.stem, LABEL_SUFFIXES[task]) for p in images]
+        missing = [p.stem for p, f in zip(images, found) if f is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(images)} images have no {task} label in {str(split_dir / task)!r} "
+                f"(looked for {'/'.join(LABEL_SUFFIXES[task])}), e.g. {missing[:3]}."
+            )
+        columns[task] = [str(f) for f in found]
+    dataset = datasets.Dataset.from_dict(columns)
+    # PNG / JPEG columns become lazily decoded images; .npy columns stay paths that decode_label reads
+    for column in ["image", *tasks]:
+        if all(not v.endswith(".npy") for v in columns[column]):
+            dataset = dataset.cast_column(column, datasets.Image())
+    return dataset
+
+
+def load_multitask_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    hub_id: str | None = None,
+    tasks: Sequence[str] | None = None,
+    column_map: Mapping[str, str] | None = None,
+    **load_kwargs,
+):
+    """
+    Load one split of a multi-task data set as a `datasets.Dataset` with columns `"image"` and one per task.
+
+    Args:
+        name (`str`): `"pascal_context"`, `"nyud"` or `"synthetic"` (see `specs.DATASETS`).
+        split (`str`): Split name, e.g. `"train"` or `"val"`.
+        root (`str` or `PathLike`, *optional*): A local folder in the layout of docs/TASKS.md.
+        hub_id (`str`, *optional*): Anything `datasets.load_dataset` accepts (a Hub repository id, or a local folder of
+            parquet / arrow files); `load_kwargs` go to it.
+        tasks (`list[str]`, *optional*): Task columns to keep; defaults to the dataset's tasks.
+        column_map (`dict`, *optional*): Renames stored columns to ours, e.g. `{"depth_map": "depth"}`.
+
+    `"synthetic"` with neither `root` nor `hub_id` generates data (`make_synthetic_multitask`: 64 train rows with
+    seed 0, 32 rows for any other split with seed 1).
+    """
+    spec = get_dataset_spec(name)
+    tasks = list(spec.tasks if tasks is None else tasks)
+    for task in tasks:
+        get_task_spec(task)
+    if root is not None and hub_id is not None:
+        raise ValueError("Give either root= (a local folder) or hub_id= (datasets.load_dataset), not both.")
+    if root is None and hub_id is None:
+        if name == "synthetic":
+            from .synthetic import make_synthetic_multitask
+
+            train = split == "train"
+            return make_synthetic_multitask(64 if train else 32, tasks=tasks, seed=0 if train else 1)
+        raise ValueError(
+            f"Dataset {name!r} is not bundled: pass root= (a local folder in the layout of docs/TASKS.md) or hub_id=."
+        )
+    if root is not None:
+        dataset = _load_folder(Path(root), split, tasks)
+    else:
+        import datasets
+
+        dataset = datasets.load_dataset(hub_id, split=split, **load_kwargs)
+    if column_map:
+        dataset = dataset.rename_columns(dict(column_map))
+    missing = [c for c in ["image", *tasks] if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The {name!r} {split!r} data has no columns {missing} (it has {dataset.column_names}); "
+            "rename stored columns with column_map={'stored_name': 'task'}."
+        )
+    keep = [c for c in ["id", "image", *tasks] if c in dataset.column_names]
+    return dataset.select_columns(keep)
+
+
+def save_multitask_folder(dataset, root: str | os.PathLike, split: str, tasks: Sequence[str]) -> Path:
+    """
+    Write a multi-task data set in the local folder layout (PNG images and class maps, .npy normals and depth), e.g.
+    to convert data from another source or to give tests a folder to read. Returns the split folder.
+    """
+    from PIL import Image
+
+    split_dir = Path(root) / split
+    for sub in [IMAGE_DIR, *tasks]:
+        (split_dir / sub).mkdir(parents=True, exist_ok=True)
+    width = len(str(max(len(dataset) - 1, 0)))
+    for i in range(len(dataset)):
+        sample = decode_example(dataset[i], tasks)
+        stem = f"{i:0{width}d}"
+        image = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(image).save(split_dir / IMAGE_DIR / f"{stem}.png")
+        for task in tasks:
+            label = sample[task].numpy()
+            if task in ("normals", "depth"):
+                np.save(split_dir / task / f"{stem}.npy", np.moveaxis(label, 0, -1) if task == "normals" else label)
+            else:
+                scale = 255 if task in ("saliency", "edges") else 1
+                Image.fromarray((label * scale).astype(np.uint8)).save(split_dir / task / f"{stem}.png")
+    return split_dir
+
+
+def build_dataloaders(
+    train_dataset,
+    eval_dataset,
+    tasks: Sequence[str],
+    *,
+    image_size: int | Sequence[int],
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    crop: int | Sequence[int] | None = None,
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """
+    Train and eval loaders over `datasets.Dataset`s from `load_multitask_dataset`.
+
+    Training resizes to `image_size` (then random-crops to `crop` if given), flips at random and normalises; its
+    shuffling is seeded by `seed`, and so is augmentation when `num_workers > 0` (else it follows `torch.manual_seed`). Evaluation resizes and normalises, so its metrics are computed at
+    `image_size`, not at each image's original size.
+    """
+    from .transforms import eval_transforms, train_transforms
+
+    generator = torch.Generator().manual_seed(seed)
+    train = torch.utils.data.DataLoader(
+        MultiTaskDataset(train_dataset, tasks, train_transforms(image_size, crop=crop)),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_dataset) > batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        # with workers, augmentation draws from torch's global RNG, which DataLoader seeds per worker from
+        # `generator`; with num_workers=0 it follows the main process's RNG (torch.manual_seed)
+        generator=generator,
+    )
+    evaluation = torch.utils.data.DataLoader(
+        MultiTaskDataset(eval_dataset, tasks, eval_transforms(image_size)),
+        batch_size=eval_batch_size or batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
+    return train, evaluation

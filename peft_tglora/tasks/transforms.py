@@ -1,0 +1,152 @@
+"""
+Paired transforms for an image and all of its dense labels, in torch only.
+
+A sample is a dict: `"image"` float `[3, H, W]` in [0, 1], and one label per task in the formats of `data.py`
+(`semseg` / `human_parts` long `[H, W]` with 255 ignore, `saliency` / `edges` float `[H, W]` with 255 ignore,
+`normals` float `[3, H, W]` unit vectors with zeros where invalid, `depth` float `[H, W]` with 0 invalid). Other
+keys pass through untouched. Every geometric transform applies the same window / flip to every map, so labels stay
+aligned with pixels; `Normalize` finally turns `"image"` into `"pixel_values"`.
+
+Randomness: each random transform draws from the `generator` passed to `Compose.__call__` (or the one `Compose` was
+built with from `seed`), so a seeded pipeline repeats exactly; without one it uses torch's global RNG, which
+`DataLoader` seeds per worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .specs import IGNORE_INDEX
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CLASS_MAPS = ("semseg", "human_parts", "saliency", "edges")  # resized nearest, padded with IGNORE_INDEX
+
+
+def _size(sample: dict) -> tuple[int, int]:
+    return tuple(sample["image"].shape[-2:])
+
+
+def _resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize a `[H, W]` or `[C, H, W]` map, keeping its dtype."""
+    squeeze = x.ndim == 2
+    y = x[None, None] if squeeze else x[None]
+    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    y = F.interpolate(y.float(), size=size, mode=mode, **kwargs)
+    y = y[0, 0] if squeeze else y[0]
+    return y.round().to(x.dtype) if not x.is_floating_point() else y
+
+
+class Resize:
+    """
+    Resize every map to `size = (H, W)`: bilinear for the image, nearest for class maps and depth (so no label is
+    blended with its neighbour or with an invalid 0), and bilinear for normals, re-normalised to unit length, with
+    the nearest-resized validity mask so that invalid pixels stay zero.
+    """
+
+    def __init__(self, size: int | Sequence[int]):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        out = dict(sample)
+        for key, x in sample.items():
+            if key == "image":
+                out[key] = _resize_map(x, self.size, "bilinear").clamp(0.0, 1.0)
+            elif key == "normals":
+                valid = _resize_map((x.abs().sum(0) > 0).float(), self.size, "nearest") > 0
+                out[key] = F.normalize(_resize_map(x, self.size, "bilinear"), dim=0) * valid
+            elif key in _CLASS_MAPS or key == "depth":
+                out[key] = _resize_map(x, self.size, "nearest")
+        return out
+
+
+class RandomCrop:
+    """
+    Crop the same random `size = (H, W)` window out of every map. Maps smaller than the window are first padded at the
+    bottom / right: the image with 0, class maps with 255 (ignored), normals and depth with 0 (invalid).
+    """
+
+    def __init__(self, size: int | Sequence[int]):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        h, w = _size(sample)
+        th, tw = self.size
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        top = int(torch.randint(0, max(h + ph - th, 0) + 1, (1,), generator=generator))
+        left = int(torch.randint(0, max(w + pw - tw, 0) + 1, (1,), generator=generator))
+        out = dict(sample)
+        for key, x in sample.items():
+            if not (key == "image" or key == "normals" or key == "depth" or key in _CLASS_MAPS):
+                continue
+            if ph or pw:
+                x = F.pad(x, (0, pw, 0, ph), value=IGNORE_INDEX if key in _CLASS_MAPS else 0)
+            out[key] = x[..., top : top + th, left : left + tw]
+        return out
+
+
+class RandomHorizontalFlip:
+    """Flip every map left-right with probability `p`; the x component of normals changes sign, as its axis does."""
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must lie in [0, 1], got {p}.")
+        self.p = p
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        if float(torch.rand((), generator=generator)) >= self.p:
+            return dict(sample)
+        out = dict(sample)
+        for key, x in sample.items():
+            if key == "image" or key == "depth" or key in _CLASS_MAPS:
+                out[key] = x.flip(-1)
+            elif key == "normals":
+                x = x.flip(-1).clone()
+                x[0] = -x[0]
+                out[key] = x
+        return out
+
+
+class Normalize:
+    """Standardise `"image"` per channel and store it as `"pixel_values"` (the key backbones take)."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        out = dict(sample)
+        out["pixel_values"] = (out.pop("image") - self.mean) / self.std
+        return out
+
+
+class Compose:
+    """Apply transforms in order with one shared generator (seeded from `seed` when given)."""
+
+    def __init__(self, transforms: Sequence, seed: int | None = None):
+        self.transforms = list(transforms)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        generator = self.generator if generator is None else generator
+        for t in self.transforms:
+            sample = t(sample, generator)
+        return sample
+
+
+def train_transforms(
+    image_size: int | Sequence[int], *, crop: int | Sequence[int] | None = None, seed: int | None = None, **norm
+) -> Compose:
+    """Resize to `image_size`, optionally random-crop to `crop`, random flip, normalise."""
+    steps = [Resize(image_size)] + ([RandomCrop(crop)] if crop is not None else [])
+    return Compose([*steps, RandomHorizontalFlip(0.5), Normalize(**norm)], seed=seed)
+
+
+def eval_transforms(image_size: int | Sequence[int], **norm) -> Compose:
+    """Resize to `image_size` and normalise; no randomness."""
+    return Compose([Resize(image_size), Normalize(**norm)])
