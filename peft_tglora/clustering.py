@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-__all__ = ["build_task_tree", "cut_tree", "linkage_matrix", "similarity_inputs", "validate_groups_per_stage"]
+__all__ = [
+    "build_task_tree",
+    "cut_tree",
+    "dendrogram_layout",
+    "linkage_matrix",
+    "similarity_inputs",
+    "validate_groups_per_stage",
+]
 
 LINKAGES = ("average", "complete", "single")
 
@@ -191,3 +198,22 @@ def build_task_tree(
         groups_per_stage = _counts_from_threshold(link, threshold, num_stages)
     counts = validate_groups_per_stage(groups_per_stage, len(names))
     return [[[names[i] for i in group] for group in cut_tree(link, count)] for count in counts]
+
+
+def dendrogram_layout(link: np.ndarray) -> tuple[list[int], list[tuple[list[float], list[float]]]]:
+    """Leaf order and line segments of a dendrogram drawn from a scipy-style linkage (no scipy needed)."""
+    num = link.shape[0] + 1
+    children = {num + i: (int(a), int(b)) for i, (a, b, _, _) in enumerate(link)}
+
+    def leaves(node):
+        return [node] if node < num else leaves(children[node][0]) + leaves(children[node][1])
+
+    order = leaves(2 * num - 2) if num > 1 else [0]
+    x = {leaf: float(i) for i, leaf in enumerate(order)}
+    y = dict.fromkeys(range(num), 0.0)
+    segments = []
+    for i, (a, b, height, _) in enumerate(link):
+        a, b = int(a), int(b)
+        segments.append(([x[a], x[a], x[b], x[b]], [y[a], height, height, y[b]]))
+        x[num + i], y[num + i] = (x[a] + x[b]) / 2, height
+    return order, segments

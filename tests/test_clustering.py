@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peft_tglora.clustering import build_task_tree, linkage_matrix, validate_groups_per_stage
+from peft_tglora.clustering import build_task_tree, dendrogram_layout, linkage_matrix, validate_groups_per_stage
 
 
 def random_similarity(num_tasks, seed):
@@ -46,6 +46,15 @@ def test_hand_made_linkage_distances():
     # complete linkage uses the farthest pair (1 - 0.0) and single the nearest (1 - 0.2)
     assert linkage_matrix(HAND, "complete")[-1, 2] == pytest.approx(1.0)
     assert linkage_matrix(HAND, "single")[-1, 2] == pytest.approx(0.8)
+
+
+def test_dendrogram_layout_places_clusters_side_by_side():
+    order, segments = dendrogram_layout(linkage_matrix(HAND[[0, 2, 1, 3]][:, [0, 2, 1, 3]]))  # A, C, B, D
+    assert order == [0, 2, 1, 3]  # A, B then C, D: each pair adjacent
+    assert len(segments) == 3
+    xs, ys = segments[-1]  # the root joins the midpoints of the two pairs at height 0.9
+    assert xs == [0.5, 0.5, 2.5, 2.5] and ys == pytest.approx([0.1, 0.9, 0.9, 0.4])
+    assert dendrogram_layout(np.zeros((0, 4))) == ([0], [])
 
 
 def test_output_follows_tasks_order_and_reorders_named_similarity():
