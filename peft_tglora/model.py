@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, _get_submodules
+from peft.tuners.tuners_utils import BaseTuner, _get_submodules, check_target_module_exists
 from torch import nn
 
 from .backbones import BACKBONES, backbone_core, get_backbone_spec
@@ -40,7 +40,9 @@ class TGLoraModel(BaseTuner):
 
     prefix: str = "tglora_"
     tuner_layer_cls = TGLoraLayer
-    target_module_mapping: ClassVar[dict[str, list[str]]] = {name: list(spec.target_modules) for name, spec in BACKBONES.items()}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {
+        name: list(spec.target_modules) for name, spec in BACKBONES.items()
+    }
 
     # ------------------------------------------------------------------ injection
 
@@ -50,7 +52,32 @@ class TGLoraModel(BaseTuner):
         peft_config.resolve_for_backbone(num_stages, f"{type(self.model).__name__} ({model_type})")
         if peft_config.target_modules is None:
             peft_config.target_modules = list(spec.target_modules)
+        self._check_targets(peft_config, self.model)
         return peft_config
+
+    def _check_targets(self, peft_config: TGLoraConfig, model: nn.Module) -> None:
+        # every check runs before the first module is replaced, so a bad config leaves the model untouched
+        self._prepare_model(peft_config, model)
+        matched = [
+            (key, m) for key, m in model.named_modules() if key and check_target_module_exists(peft_config, key)
+        ]
+        matched = [(key, m) for key, m in matched if not isinstance(m, TGLoraLayer) and "tglora_" not in key]
+        if not matched and not any(isinstance(m, TGLoraLayer) for m in model.modules()):
+            linears = sorted(
+                {".".join(k.split(".")[-2:]) for k, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            raise ValueError(
+                f"`target_modules={peft_config.target_modules}` matches no module of {type(model).__name__}. Its "
+                f"linear layers end in {linears}; leave `target_modules=None` for the attention and MLP linears."
+            )
+        for key, module in matched:
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            if not isinstance(base, nn.Linear):
+                raise ValueError(
+                    f"`target_modules` matches {key!r}, a {type(base).__name__}; TGLoRA adapts `nn.Linear` only. "
+                    "Use a more specific suffix (e.g. 'attention.proj' rather than 'proj') or `exclude_modules`."
+                )
+            self._stage_of_key(key)
 
     def _prepare_model(self, peft_config: TGLoraConfig, model: nn.Module) -> None:
         _, spec = get_backbone_spec(model)
@@ -93,6 +120,21 @@ class TGLoraModel(BaseTuner):
         super().inject_adapter(model, adapter_name, **kwargs)
         if not getattr(self, "_hook_handles", None):
             self._install_stream_hooks(model)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        expected = model.state_dict()
+        for key, value in state_dict.items():
+            if key in expected and expected[key].shape != value.shape:
+                raise ValueError(
+                    f"The adapter's {key!r} has shape {tuple(value.shape)}, but this backbone needs "
+                    f"{tuple(expected[key].shape)}: the adapter was trained on another architecture or size "
+                    f"({config.base_model_name_or_path or 'see adapter_config.json'}). Load it into the same backbone."
+                )
+        return state_dict
 
     # ------------------------------------------------------------------ streams
 

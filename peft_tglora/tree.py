@@ -145,11 +145,7 @@ def resolve_task_groups(
         return groups_from_counts(tasks, counts, similarity_file)
     if task_groups and all(isinstance(c, int) and not isinstance(c, bool) for c in task_groups):
         return groups_from_counts(tasks, list(task_groups), similarity_file)
-    if similarity_file is not None:
-        raise ValueError(
-            "`similarity_file` is only used with group counts (e.g. task_groups=[1, 1, 2, 4]); the explicit "
-            "`task_groups` given already fixes the tree. Drop one of the two."
-        )
+    # with an explicit tree a similarity file is a record of where the tree came from, not an input
     return [[list(group) for group in stage] for stage in task_groups]
 
 
