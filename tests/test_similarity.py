@@ -62,9 +62,10 @@ def setup(tasks=("a", "b", "c"), seed=0):
     return backbone, heads, losses
 
 
-def brute_force(backbone, heads, losses, loaders, tasks, num_batches):
+def brute_force(backbone, heads, losses, loaders, tasks, num_batches, params=None):
     """The paper's formula, written plainly: per-batch gradients per parameter, literal S over every pair of batches."""
-    params = list(backbone.parameters())
+    params = list(backbone.parameters()) if params is None else params
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     grads = {}
@@ -74,8 +75,8 @@ def brute_force(backbone, heads, losses, loaders, tasks, num_batches):
             loss = losses[task](heads[task](backbone(batch["pixel_values"]).task_features[task]), batch)
             per_param = [torch.autograd.grad(loss, p, retain_graph=True)[0].flatten() for p in params]
             grads[task].append(torch.cat(per_param).double())
-    for p in params:
-        p.requires_grad_(False)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
 
     def s(g, h):
         scale = g.norm() + h.norm()
@@ -348,3 +349,87 @@ def test_two_processes_gather_gradients(tmp_path):
     assert gathered.num_batches == [4, 4, 4]  # 2 batches on each of 2 processes
     np.testing.assert_allclose(gathered.matrix, single.matrix, atol=1e-6)
     np.testing.assert_allclose(gathered.within_task, single.within_task, atol=1e-6)
+
+
+def test_cli_from_json_writes_tree_loadable_by_config(tmp_path):
+    from peft_tglora.similarity_cli import run
+
+    source = TaskSimilarity(tasks=["a", "b", "c", "d"], matrix=np.array(HAND)).to_json(tmp_path / "in.json")
+    record = run(["--from-json", str(source), "--groups-per-stage", "1,1,2,4", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "task_tree.json").read_text())
+    assert saved == record
+    assert saved["task_groups"][2] == [["a", "b"], ["c", "d"]]
+    assert json.loads((tmp_path / "out" / "similarity.json").read_text())["matrix"] == HAND
+    assert (tmp_path / "out" / "similarity.png").stat().st_size > 0
+    one_threshold = run(["--from-json", str(source), "--threshold", "0.7", "--out", str(tmp_path / "t")])
+    assert one_threshold["groups_per_stage"] == [1, 1, 1, 3]
+    try:
+        from peft_tglora import TGLoraConfig
+    except ImportError as error:
+        pytest.skip(f"the core tuner (TGLoraConfig) is not importable yet: {error}")
+    config = TGLoraConfig(tasks=saved["tasks"], task_groups=saved["task_groups"])
+    assert config.task_groups == saved["task_groups"]
+
+
+@pytest.mark.slow
+def test_cli_computes_on_synthetic_data(tmp_path):
+    pytest.importorskip("datasets")
+    from peft_tglora.similarity_cli import run
+
+    args = ["--tasks", "semseg,saliency,depth", "--num-images", "8", "--batch-size", "4", "--num-batches", "2"]
+    record = run([*args, "--head-warmup-steps", "1", "--no-progress", "--out", str(tmp_path)])
+    sim = TaskSimilarity.from_json(tmp_path / "similarity.json")
+    assert sim.tasks == ["semseg", "saliency", "depth"] and sim.num_batches == [2, 2, 2]
+    assert record["groups_per_stage"] == [1, 1, 2, 3]
+    assert np.all(np.abs(sim.matrix) <= 1) and np.array_equal(sim.matrix, sim.matrix.T)
+
+
+def test_tglora_shared_tree_matches_brute_force():
+    try:
+        from peft_tglora import TGLoraConfig
+    except ImportError as error:
+        pytest.skip(f"the core tuner (TGLoraConfig) is not importable yet: {error}")
+    from peft import get_peft_model
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4)
+    tasks = ["a", "b", "c"]
+    model = get_peft_model(SwinModel(config), TGLoraConfig(tasks=tasks, task_groups="shared", r=2))
+
+    class SwinHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(16, 1, 1)
+
+        def forward(self, features):
+            return F.interpolate(self.proj(features[-1]), size=(32, 32), mode="bilinear")
+
+    heads = {t: SwinHead() for t in tasks}
+    losses = {
+        t: lambda p, batch, t=t: F.mse_loss(p[:, 0], F.interpolate(batch[t][:, None], size=(32, 32))[:, 0])
+        for t in tasks
+    }
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(2, 3, 32, 32, generator=generator)
+        batches.append({"pixel_values": x, "a": x[:, 0] * x[:, 1], "b": x.mean(1), "c": -x[:, 2]})
+    adapted = shared_parameters(model, "backbone")
+    assert len(adapted) > 0 and not any(p.requires_grad for p in adapted)  # frozen base weights of adapted linears
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    sim = compute_task_similarity(
+        model, heads, losses, batches, num_batches=3, head_warmup_steps=0, disable_progress=True
+    )
+    assert model.training  # restored; the similarity runs in eval mode (Swin's drop-path off), so does the reference
+    expected, _ = brute_force(model.eval(), heads, losses, dict.fromkeys(tasks, batches), tasks, 3, params=adapted)
+    off_diagonal = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose(sim.matrix[off_diagonal], expected[off_diagonal], atol=1e-5)
+    assert sim.num_parameters == sum(p.numel() for p in adapted)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # flags restored
+    by_adapters = compute_task_similarity(
+        model, heads, losses, batches, num_batches=3, wrt="adapters", head_warmup_steps=0, disable_progress=True
+    )
+    assert by_adapters.wrt == "adapters" and by_adapters.num_parameters == sum(
+        p.numel() for p in shared_parameters(model, "adapters")
+    )
