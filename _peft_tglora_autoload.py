@@ -9,6 +9,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+import warnings
 
 
 HINT = "This adapter was saved by peft_tglora (peft_type 'TGLORA'): run `import peft_tglora` before loading it."
@@ -63,8 +64,8 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
             exec_module(module)
             try:
                 _add_stand_in()
-            except Exception:  # never break `import peft` for a convenience
-                pass
+            except Exception as err:  # noqa: BLE001 (never break `import peft` for a convenience)
+                warnings.warn(f"peft_tglora.pth could not prepare PEFT to load TGLoRA adapters: {err!r}", stacklevel=2)
 
         spec.loader.exec_module = exec_then_add_stand_in
         return spec

@@ -73,7 +73,8 @@ class TGLoraModel(BaseTuner):
         for key, module in matched:
             base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
             if not isinstance(base, nn.Linear):
-                raise ValueError(
+                # a config value that picks the wrong module, reported with the other config errors
+                raise ValueError(  # noqa: TRY004
                     f"`target_modules` matches {key!r}, a {type(base).__name__}; TGLoRA adapts `nn.Linear` only. "
                     "Use a more specific suffix (e.g. 'attention.proj' rather than 'proj') or `exclude_modules`."
                 )
