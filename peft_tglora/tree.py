@@ -63,6 +63,27 @@ class TaskTree:
     def to_groups(self) -> list[list[list[str]]]:
         return [[list(group) for group in stage] for stage in self.stages]
 
+    def to_text(self) -> str:
+        """One line per stage, groups in brackets: the tree at a glance in logs and model cards."""
+        return "\n".join(
+            f"stage {s}: " + " ".join("[" + ", ".join(group) + "]" for group in stage)
+            for s, stage in enumerate(self.stages)
+        )
+
+    def to_mermaid(self) -> str:
+        """The tree as a Mermaid flowchart (the Hub and GitHub draw it): pixels -> streams per stage -> tasks."""
+        lines = ["flowchart LR", '  x(["pixels"])']
+        for s, stage in enumerate(self.stages):
+            for g, group in enumerate(stage):
+                lines.append(f'  s{s}g{g}["stage {s}: {", ".join(group)}"]')
+                parent = "x" if s == 0 else f"s{s - 1}g{self.parent_indices[s][g]}"
+                lines.append(f"  {parent} --> s{s}g{g}")
+        last = self.num_stages - 1
+        for t, task in enumerate(self.tasks):
+            lines.append(f'  t{t}(("{task}"))')
+            lines.append(f"  s{last}g{self.group_of(task, last)} --> t{t}")
+        return "\n".join(lines)
+
 
 def validate_task_groups(tasks: Sequence[str], task_groups: Sequence[Sequence[Sequence[str]]]) -> None:
     """Raise a `ValueError` that names the bad value and the fix unless `task_groups` is a valid tree over `tasks`."""
