@@ -11,9 +11,11 @@ _add_peft_type_member()  # TGLoraConfig.__post_init__ needs PeftType.TGLORA
 
 from ._registration import register  # noqa: E402
 from .backbones import BACKBONES, BackboneSpec, register_backbone  # noqa: E402
+from .clustering import build_task_tree  # noqa: E402
 from .config import TGLoraConfig  # noqa: E402
 from .layer import TGLoraLayer  # noqa: E402
 from .model import TGLoraModel  # noqa: E402
+from .similarity import TaskSimilarity, compute_task_similarity  # noqa: E402
 from .tree import TaskTree  # noqa: E402
 
 
@@ -26,6 +28,9 @@ __all__ = [
     "TGLoraConfig",
     "TGLoraLayer",
     "TGLoraModel",
+    "TaskSimilarity",
     "TaskTree",
+    "build_task_tree",
+    "compute_task_similarity",
     "register_backbone",
 ]
