@@ -236,3 +236,41 @@ def test_only_adapters_are_trainable_and_every_target_is_adapted():
     assert trainable and all("tglora_" in n for n in trainable)
     linears = [n for n, m in tiny_backbone("swin").named_modules() if re.search(r"(q|k|v|o)_proj$|fc[12]$", n)]
     assert sorted(model.targeted_module_names) == sorted(linears)
+
+
+WRAPPERS = [
+    ("swin", "SwinForImageClassification"),
+    ("swin", "SwinBackbone"),
+    ("swinv2", "Swinv2Backbone"),
+    ("swinv2", "Swinv2ForImageClassification"),
+    ("pvt", "PvtForImageClassification"),
+    ("pvt_v2", "PvtV2Backbone"),
+    ("pvt_v2", "PvtV2ForImageClassification"),
+    ("segformer", "SegformerForImageClassification"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "cls_name"), WRAPPERS)
+def test_wrappers_around_a_supported_backbone(model_type, cls_name):
+    import transformers
+
+    core = tiny_backbone(model_type)
+    wrapper = getattr(transformers, cls_name)(core.config).eval()
+    inner = wrapper.base_model if wrapper.base_model is not wrapper else wrapper
+    inner.load_state_dict(core.state_dict(), strict=False)  # the same weights as the reference backbone
+    x = pixels()
+    expected = reference_stage_features(core, x)
+    out = get_peft_model(wrapper, TGLoraConfig(tasks=TASKS, task_groups=TREE, r=4))(x)
+    for task in TASKS:
+        for got, want in zip(out.task_features[task], expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_segformer_decode_head_needs_one_stream():
+    # its decode head concatenates all stages, so it runs with the "shared" tree; grouped trees feed task_features
+    # to per-task decoders instead (README, "Supported backbones")
+    import transformers
+
+    model = transformers.SegformerForSemanticSegmentation(tiny_backbone("segformer").config).eval()
+    out = get_peft_model(model, TGLoraConfig(tasks=TASKS, task_groups="shared", r=4))(pixels())
+    assert out.logits.shape[0] == 2 and out.task_features["sal"][0].shape[0] == 2
