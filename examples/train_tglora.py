@@ -1,0 +1,358 @@
+# Train TGLoRA (task-grouped LoRA) adapters and one decoder head per task on a multi-task dense-prediction set.
+#
+# One story, top to bottom: data (`get_dataloaders`) -> backbone + TGLoRA + heads -> a training loop with per-task
+# losses, gradient accumulation, clipping, warm-up + cosine schedule, checkpoints every N steps, evaluation every N
+# epochs -> adapter + heads + model card in --output_dir -> optionally pushed to the Hub.
+#
+# It runs unchanged on one CPU, one GPU, several GPUs and several machines:
+#   python examples/train_tglora.py --demo                                   # the README's demo, ~1 min on a CPU
+#   accelerate launch --cpu --num_processes 2 examples/train_tglora.py --demo
+#   accelerate launch --multi_gpu --num_processes 8 examples/train_tglora.py --backbone microsoft/swin-tiny-patch4-window7-224 \
+#       --dataset pascal_context --data_root /data/PASCAL_MT --image_size 448 --mixed_precision bf16
+# Resume mid-epoch, nothing lost: --resume_from_checkpoint OUTPUT_DIR/checkpoints/step_N (or "latest").
+# examples/README.md has multi-node, push and inference commands.
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object, set_seed
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+import peft_tglora  # noqa: F401  (registers TGLoRA with PEFT)
+from peft_tglora import TGLoraConfig
+from peft_tglora.hub import metrics_table, push_folder, write_model_card
+from peft_tglora.tasks import (
+    MultiTaskDataset,
+    build_heads,
+    collate,
+    default_loss_weights,
+    delta_m,
+    eval_transforms,
+    get_dataset_spec,
+    get_task_spec,
+    load_multitask_dataset,
+    make_synthetic_multitask,
+    multitask_loss,
+    train_transforms,
+)
+from peft_tglora.training import (
+    BASE_MODEL_DIR,
+    MultiTaskModel,
+    SeededMultiTaskDataset,
+    build_backbone,
+    checkpoint_step,
+    evaluate,
+    resolve_checkpoint,
+    save_heads,
+    stage_channels,
+    weights_digest,
+)
+
+
+logger = get_logger(__name__)
+
+# The README's main job: tiny random Swin, 4 PASCAL-style tasks on synthetic scenes, tree 1,1,2,4, about a minute.
+DEMO = dict(
+    backbone="tiny-swin", dataset="synthetic", tasks="semseg,human_parts,saliency,normals", task_groups="1,1,2,4",
+    image_size=64, synthetic_size=384, batch_size=8, num_epochs=6, learning_rate=2e-3, r=8,
+    head_width=8, head_hidden=128, eval_every=3, output_dir="tglora-demo", seed=0,
+)  # fmt: skip
+HYPERPARAMETERS = [  # what a run's results depend on: logged to trackers and written to the model card
+    "backbone", "dataset", "tasks", "task_groups", "similarity_file", "r", "lora_alpha", "lora_dropout",
+    "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm", "num_epochs", "batch_size",
+    "gradient_accumulation_steps", "image_size", "loss_weights", "head_width", "head_hidden", "head_kernel",
+    "head_norm", "seed",
+]  # fmt: skip
+
+
+def get_dataloaders(config, args, accelerator):
+    """Train / eval loaders; training augmentation is seeded per (epoch, sample) so resumed runs see the same data."""
+    tasks, size = config["tasks"], config["image_size"]
+    if args.dataset == "synthetic" and args.data_root is None and args.hub_id is None:
+        # generated at the training size by every process alike (deterministic), so nothing is shared or downloaded
+        train = make_synthetic_multitask(args.synthetic_size, size, tasks, seed=config["seed"])
+        val = make_synthetic_multitask(max(args.synthetic_size // 4, 8), size, tasks, seed=config["seed"] + 1)
+    else:
+        with accelerator.main_process_first():  # the first process downloads / caches, the others read
+            kwargs = dict(root=args.data_root, hub_id=args.hub_id, tasks=tasks)
+            train = load_multitask_dataset(args.dataset, "train", **kwargs)
+            val = load_multitask_dataset(args.dataset, args.eval_split, **kwargs)
+    train_set = SeededMultiTaskDataset(train, tasks, train_transforms(size), seed=config["seed"])
+    common = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+    # own generators: starting an epoch or an evaluation then draws no number from the global RNG, which dropout and
+    # stochastic depth use, so a resumed run's model sees the same random numbers as an uninterrupted one
+    generator = torch.Generator().manual_seed(config["seed"])
+    train_dataloader = DataLoader(
+        train_set, batch_size=config["batch_size"], shuffle=True, drop_last=True, generator=generator, **common
+    )
+    eval_set = MultiTaskDataset(val, tasks, eval_transforms(size))
+    eval_batch_size = args.eval_batch_size or config["batch_size"]
+    eval_dataloader = DataLoader(eval_set, batch_size=eval_batch_size, generator=torch.Generator(), **common)
+    return train_dataloader, eval_dataloader
+
+
+def build_model(config, args, save_base_to=None):
+    """Backbone wrapped by TGLoRA, plus one head per task; returns the model and what rebuilds the heads."""
+    backbone = build_backbone(config["backbone"], config["image_size"], args.backbone_config, seed=config["seed"])
+    if save_base_to is not None:  # a random backbone must travel with its adapter
+        backbone.save_pretrained(save_base_to)
+    peft_config = TGLoraConfig(
+        tasks=config["tasks"], task_groups=config["task_groups"], similarity_file=config["similarity_file"],
+        r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+    )  # fmt: skip
+    backbone = get_peft_model(backbone, peft_config)
+    if args.gradient_checkpointing:  # after wrapping, non-reentrant: see PEFT_NOTES 1.9
+        backbone.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    channels = stage_channels(backbone, config["image_size"])
+    head_kwargs = dict(
+        channels=[config["head_width"] * 2**s for s in range(len(channels))], hidden_channels=config["head_hidden"],
+        kernel_size=config["head_kernel"], norm=config["head_norm"],
+    )  # fmt: skip
+    heads = build_heads(config["tasks"], channels, dataset=config["dataset"], **head_kwargs)
+    head_config = {
+        "tasks": config["tasks"], "backbone": config["backbone"], "dataset": config["dataset"],
+        "image_size": config["image_size"], "in_channels": channels, "head_kwargs": head_kwargs,
+        "num_outputs": {t: h.classifier.out_channels for t, h in heads.items()},
+        "num_classes": {t: n for t, n in get_dataset_spec(config["dataset"]).num_classes.items() if t in heads},
+    }  # fmt: skip
+    return MultiTaskModel(backbone, heads), head_config
+
+
+def log_task_losses(per_task, loss, lr):
+    return {"train/loss": loss, "train/lr": lr} | {f"train/loss_{t}": v.item() for t, v in per_task.items()}
+
+
+def summary(metrics):
+    return ", ".join(f"{t} {get_task_spec(t).metric} {m[get_task_spec(t).metric]:.3f}" for t, m in metrics.items())
+
+
+def training_function(config, args):
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        log_with="tensorboard" if args.with_tracking else None, project_dir=str(output_dir / "logs"),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config["seed"]),
+    )  # fmt: skip
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(config["seed"])
+    tasks = config["tasks"]
+    weights = config["loss_weights"]
+
+    train_dataloader, eval_dataloader = get_dataloaders(config, args, accelerator)
+    random_backbone = config["backbone"] == "tiny-swin" and accelerator.is_main_process
+    model, head_config = build_model(config, args, output_dir / BASE_MODEL_DIR if random_backbone else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader
+    )
+    # per process, after sharding; the scheduler is stepped once per process per update (Accelerate's convention)
+    steps_per_epoch = math.ceil(len(train_dataloader) / config["gradient_accumulation_steps"])
+    max_train_steps = args.max_train_steps or config["num_epochs"] * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = accelerator.prepare(
+        get_cosine_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=int(config["warmup_ratio"] * max_train_steps) * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,
+        )
+    )
+
+    # checkpoints hold what training changes (adapters, heads with their norm statistics), not the frozen backbone
+    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    frozen = {n for n, _ in accelerator.unwrap_model(model).named_parameters()} - trainable
+
+    def drop_frozen(models, state_dicts, _output_dir):
+        for state in state_dicts:
+            for name in frozen & set(state):
+                del state[name]
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+    if args.with_tracking:
+        # TensorBoard takes scalars and strings as hyperparameters
+        accelerator.init_trackers(
+            "tglora", {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in config.items()}
+        )
+
+    completed_steps, starting_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint), strict=False)  # strict=False: the frozen backbone is not in it
+        completed_steps = checkpoint_step(checkpoint)
+        starting_epoch = completed_steps // steps_per_epoch
+        skip_batches = (completed_steps % steps_per_epoch) * config["gradient_accumulation_steps"]
+
+    def save_checkpoint():
+        accelerator.save_state(str(output_dir / "checkpoints" / f"step_{completed_steps}"))
+
+    progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
+    num_classes = head_config["num_classes"]
+    metrics, start = {}, time.perf_counter()
+    for epoch in range(starting_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)  # the shuffle order of this epoch (seeded sampler)
+        train_dataloader.dataset.set_epoch(epoch)  # its augmentation
+        epoch_loader = train_dataloader
+        if epoch == starting_epoch and skip_batches:
+            # the skipped batches are never loaded: the sampler skips their indices
+            epoch_loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                outputs = model(batch["pixel_values"])
+                loss, per_task = multitask_loss({t: o.float() for t, o in outputs.items()}, batch, weights)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config["max_grad_norm"]:
+                    accelerator.clip_grad_norm_(params, config["max_grad_norm"])
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            if args.with_tracking and completed_steps % args.logging_steps == 0:
+                accelerator.log(log_task_losses(per_task, loss.item(), lr_scheduler.get_last_lr()[0]), completed_steps)
+            if isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0:
+                save_checkpoint()
+            if args.stop_after_steps and completed_steps >= args.stop_after_steps:
+                # emulates a kill: nothing after the last checkpoint is written
+                accelerator.print(f"Stopping after step {completed_steps} (--stop_after_steps), as if killed.")
+                accelerator.end_training()
+                return None
+            if completed_steps >= max_train_steps:
+                break
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint()
+        if epoch == num_epochs - 1 or (epoch + 1) % args.eval_every == 0:
+            metrics = evaluate(model, eval_dataloader, tasks, num_classes, accelerator.gather_for_metrics)
+            accelerator.print(f"epoch {epoch}: {summary(metrics)}")
+            if args.with_tracking:
+                accelerator.log(
+                    {f"eval/{t}/{k}": v for t, m in metrics.items() for k, v in m.items()}, completed_steps
+                )
+    progress.close()
+    train_time = time.perf_counter() - start
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    # every process reports a digest of its trainable weights: they must all agree after DDP training
+    digests = gather_object([weights_digest(unwrapped)])
+    if accelerator.is_main_process:
+        save_outputs(unwrapped, config, args, head_config, metrics, digests, train_time, completed_steps)
+    accelerator.end_training()
+    return metrics
+
+
+def save_outputs(unwrapped, config, args, head_config, metrics, digests, train_time, completed_steps):
+    output_dir = Path(args.output_dir)
+    unwrapped.backbone.save_pretrained(output_dir)  # adapter_config.json + adapter_model.safetensors
+    save_heads(unwrapped.heads, head_config, output_dir)
+    dm = delta_m(metrics, args.baselines, config["tasks"]) if args.baselines else None
+    primary = {t: get_task_spec(t).metric for t in config["tasks"]}
+    results = {
+        "metrics": metrics, "delta_m": dm, "steps": completed_steps, "train_time_s": round(train_time, 2),
+        "weight_digests": digests, "weights_in_sync": len(set(digests)) == 1,
+    }  # fmt: skip
+    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    peft_config = unwrapped.backbone.peft_config["default"]
+    write_model_card(
+        output_dir, repo_id=args.hub_model_id, tasks=config["tasks"], task_groups=peft_config.task_groups,
+        r=config["r"], backbone=config["backbone"], dataset=config["dataset"], image_size=config["image_size"],
+        metrics=metrics, primary=primary, delta_m=dm, base_model_included=(output_dir / BASE_MODEL_DIR).is_dir(),
+        training={k: config[k] for k in HYPERPARAMETERS if config.get(k) is not None},
+    )  # fmt: skip
+    print(metrics_table(metrics, primary) + (f"\n\nΔm: {dm:+.2f}%" if dm is not None else ""))
+    print(
+        f"Saved adapter, heads and model card to {output_dir.resolve()} ({completed_steps} steps, {train_time:.0f} s)"
+    )
+    if args.push_to_hub and push_folder(output_dir, args.hub_model_id, token=args.hub_token) is None:
+        print(f"Push to {args.hub_model_id!r} failed; the local results in {output_dir.resolve()} are intact.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train TGLoRA adapters and task heads (see examples/README.md).")
+    p.add_argument("--demo", action="store_true", help="The README's demo preset (explicit flags still win).")
+    # hyperparameters (logged, and written to the model card)
+    p.add_argument("--backbone", default="tiny-swin", help="'tiny-swin' (random init) or a Hub id / path.")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "nyud", "pascal_context"])
+    p.add_argument("--tasks", default=None, help="Comma-separated; default: the dataset's tasks.")
+    p.add_argument("--task_groups", default="1,1,2,4", help="Groups per stage, 'shared', 'per_task' or a JSON tree.")
+    p.add_argument("--similarity_file", default=None, help="Similarity JSON to group tasks by.")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--lora_alpha", type=int, default=None, help="Default: r.")
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--warmup_ratio", type=float, default=0.05)
+    p.add_argument("--max_grad_norm", type=float, default=5.0)
+    p.add_argument("--num_epochs", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=8, help="Per process.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--loss_weights", default=None, help="e.g. 'semseg=1,normals=10'; default: the dataset's recipe.")
+    p.add_argument("--head_width", type=int, default=18, help="Stage-1 width of each head (18: MTLoRA's HRNet-18).")
+    p.add_argument("--head_hidden", type=int, default=None, help="Fusion width; default 4x the summed widths.")
+    p.add_argument("--head_kernel", type=int, default=1, choices=[1, 3])
+    p.add_argument("--head_norm", default="batch", choices=["batch", "group"])
+    p.add_argument("--seed", type=int, default=0)
+    # environment
+    p.add_argument("--backbone_config", type=json.loads, default=None, help="JSON overrides of the tiny-swin config.")
+    p.add_argument("--data_root", default=None, help="Local folder in the layout of docs/TASKS.md.")
+    p.add_argument("--hub_id", default=None, help="A data set for datasets.load_dataset.")
+    p.add_argument("--eval_split", default="val")
+    p.add_argument("--synthetic_size", type=int, default=64, help="Training images of the synthetic set.")
+    p.add_argument("--eval_batch_size", type=int, default=None)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--output_dir", default="tglora-output")
+    p.add_argument("--cpu", action="store_true", help="Train on the CPU even when a GPU is present.")
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
+    p.add_argument("--eval_every", type=int, default=1, help="Evaluate every N epochs (and always at the end).")
+    p.add_argument("--checkpointing_steps", default=None, help="Save state every N steps, or 'epoch'.")
+    p.add_argument("--resume_from_checkpoint", default=None, help="A checkpoints/step_N folder, or 'latest'.")
+    p.add_argument("--stop_after_steps", type=int, default=None, help="Exit after N steps as if killed (tests).")
+    p.add_argument("--with_tracking", action="store_true", help="Log to TensorBoard in OUTPUT_DIR/logs.")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--baselines", default=None, help="Single-task metrics JSON: adds Δm to results and card.")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    args = p.parse_args(argv)
+    if args.demo:
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        args.checkpointing_steps = int(args.checkpointing_steps)
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id (e.g. your-name/tglora-pascal).")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks = args.tasks.split(",") if args.tasks else list(get_dataset_spec(args.dataset).tasks)
+    groups = json.loads(args.task_groups) if args.task_groups.lstrip().startswith("[") else args.task_groups
+    weights = default_loss_weights(args.dataset, tasks)
+    for item in filter(None, (args.loss_weights or "").split(",")):
+        task, value = item.split("=")
+        weights[task.strip()] = float(value)
+    config = {k: getattr(args, k) for k in HYPERPARAMETERS}
+    config.update(tasks=tasks, task_groups=groups, loss_weights=weights, lora_alpha=args.lora_alpha or args.r)
+    return training_function(config, args)
+
+
+if __name__ == "__main__":
+    main()
