@@ -104,15 +104,8 @@ class TaskSimilarity:
         bottom.set_xticks(range(len(names)), [names[i] for i in order], rotation=45, ha="right")
         bottom.set_yticks(range(len(names)), [names[i] for i in order])
         for (r, c), value in np.ndenumerate(ordered):
-            bottom.text(
-                c,
-                r,
-                f"{value:.2f}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if abs(value) > 0.6 else "black",
-            )
+            color = "white" if abs(value) > 0.6 else "black"
+            bottom.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
         fig.colorbar(image, ax=[top, bottom], shrink=0.6)  # on both axes, so they keep equal widths
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +317,7 @@ def compute_task_similarity(
                 backbone, heads, losses, sources, head_warmup_steps, head_warmup_lr, features_fn, device, show
             )
             for head in heads.values():
-                head.eval()
+                head.eval()  # under DDP each process warmed its own copy on its own shard; fine for a similarity
             for p in params:
                 p.requires_grad_(True)
             with tqdm(total=num_batches * len(sources), desc="task similarity", disable=not show) as bar:
@@ -335,13 +328,14 @@ def compute_task_similarity(
                         for j, task in enumerate(names):
                             i = tasks.index(task)
                             loss = _task_loss(task, heads, losses, features, batch)
-                            flat = torch.zeros(num_params, device=device)  # stays 0 if the loss ignores params
                             if loss.requires_grad:  # one backward per task; the graph is kept for the next task
                                 kept = j < len(names) - 1
                                 grads = torch.autograd.grad(
                                     loss, params, retain_graph=kept, allow_unused=True, materialize_grads=True
                                 )
                                 flat = torch.cat([g.reshape(-1) for g in grads]).float()  # flattened once
+                            else:  # the loss ignores the shared parameters: reported as a zero gradient below
+                                flat = torch.zeros(num_params, device=device)
                             flat = project(flat) if project is not None else flat
                             norms[i, b], loss_values[i, b] = flat.norm(), loss.detach()
                             sums[i] += flat / norms[i, b].clamp_min(torch.finfo(flat.dtype).tiny)
