@@ -15,11 +15,20 @@ from .clustering import build_task_tree  # noqa: E402
 from .config import TGLoraConfig  # noqa: E402
 from .layer import TGLoraLayer  # noqa: E402
 from .model import TGLoraModel  # noqa: E402
-from .similarity import TaskSimilarity, compute_task_similarity  # noqa: E402
 from .tree import TaskTree  # noqa: E402
 
 
 register()
+
+
+def __getattr__(name: str):
+    # lazy, so that `python -m peft_tglora.similarity` does not find its module imported by the package already
+    if name in ("TaskSimilarity", "compute_task_similarity"):
+        from . import similarity
+
+        return getattr(similarity, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [
