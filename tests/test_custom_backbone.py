@@ -104,11 +104,11 @@ def test_trainable_parameter_count_by_hand():
     from backbones import tiny_backbone
 
     model = get_peft_model(tiny_backbone("swin"), TGLoraConfig(tasks=["a", "b", "c", "d"], task_groups="1,1,2,4", r=4))
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()
     expected = 0
     dims = [8, 16, 32, 64]
     depths = [1, 1, 2, 1]
-    for s, (dim, depth, groups) in enumerate(zip(dims, depths, [1, 1, 2, 4])):
+    for dim, depth, groups in zip(dims, depths, [1, 1, 2, 4]):
         per_block = 4 * (dim + dim) + (dim + 4 * dim) * 2  # q, k, v, o: dim -> dim; fc1: dim -> 4 dim; fc2 back
         expected += depth * groups * 4 * per_block
     assert trainable == expected
