@@ -69,8 +69,9 @@ class BenchConfig:
     r: int = 16
     lora_alpha: int = 16
     batch_size: int = 2
-    rounds: int = 9
+    rounds: int = 15
     warmup: int = 2
+    infer_repeats: int = 3  # forwards per timed inference sample: one forward is short and noisy on a CPU
     device: str = "cpu"
     threads: int = 2
     seed: int = 0
@@ -189,7 +190,8 @@ def build_variant(name: str, cfg: BenchConfig, base: SwinModel, x: torch.Tensor)
 
         def step():
             with torch.inference_mode():
-                model(pixel_values=x)
+                for _ in range(cfg.infer_repeats):
+                    model(pixel_values=x)
 
     else:
         raise ValueError(f"Unknown variant {name!r}; known are {TRAIN + INFER}.")
@@ -205,7 +207,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], cfg: BenchConfig) -> dict[str, list[float]]:
+def time_round_robin(
+    steps: dict[str, Callable[[], None]], cfg: BenchConfig, progress: bool = False
+) -> dict[str, list[float]]:
     """Seconds per step for every variant and round; the order of variants rotates by one each round."""
     names = list(steps)
     times = {name: [] for name in names}
@@ -218,6 +222,9 @@ def time_round_robin(steps: dict[str, Callable[[], None]], cfg: BenchConfig) -> 
             _sync(cfg.device)
             if round_ >= cfg.warmup:
                 times[name].append(time.perf_counter() - start)
+        if progress:
+            label = "warm-up" if round_ < cfg.warmup else "round"
+            print(f"{label} {round_ + 1}/{cfg.warmup + cfg.rounds}, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     return times
 
 
@@ -307,16 +314,18 @@ MEMORY_METHODS = {
 }
 
 
-def run(cfg: BenchConfig, variants: tuple[str, ...] = TRAIN + INFER, memory: str = "subprocess") -> dict:
+def run(
+    cfg: BenchConfig, variants: tuple[str, ...] = TRAIN + INFER, memory: str = "subprocess", progress: bool = False
+) -> dict:
     """Time `variants` side by side and measure their peak memory (`memory`: a key of `MEMORY_METHODS`)."""
     threads = torch.get_num_threads()
     try:
-        return _run(cfg, variants, memory)
+        return _run(cfg, variants, memory, progress)
     finally:
         torch.set_num_threads(threads)  # callers (tests) keep their own setting
 
 
-def _run(cfg: BenchConfig, variants: tuple[str, ...], memory: str) -> dict:
+def _run(cfg: BenchConfig, variants: tuple[str, ...], memory: str, progress: bool) -> dict:
     torch.set_num_threads(cfg.threads)
     load_before = os.getloadavg()[0]
     x = pixel_values(cfg)
@@ -324,7 +333,7 @@ def _run(cfg: BenchConfig, variants: tuple[str, ...], memory: str) -> dict:
     steps, infos = {}, {}
     for name in variants:
         steps[name], infos[name] = build_variant(name, cfg, base, x)
-    times = time_round_robin(steps, cfg)
+    times = time_round_robin(steps, cfg, progress)
     results = {
         "config": asdict(cfg),
         "environment": {
@@ -360,6 +369,8 @@ def _run(cfg: BenchConfig, variants: tuple[str, ...], memory: str) -> dict:
         raise ValueError(f"`memory` must be one of {sorted(MEMORY_METHODS)}, got {memory!r}.")
     if memory != "none":
         for name in variants:
+            if progress:
+                print(f"peak memory of {name}", file=sys.stderr)
             measure = peak_memory_in_subprocess if memory == "subprocess" else measure_peak_memory
             results["variants"][name].update(measure(name, cfg))
     return results
@@ -397,7 +408,7 @@ def to_markdown(results: dict) -> str:
     setup = (
         f"Backbone `SwinConfig(**{cfg['backbone']})`, batch {cfg['batch_size']}, tasks {len(cfg['tasks'])}, tree "
         f"{cfg['task_groups']}, r={cfg['r']}, alpha={cfg['lora_alpha']}; {cfg['rounds']} rounds after "
-        f"{cfg['warmup']} warm-up; device {env['device']}, {env['threads']} threads, torch {env['torch']}; "
+        f"{cfg['warmup']} warm-up, {cfg['infer_repeats']} forwards per inference sample; device {env['device']}, {env['threads']} threads, torch {env['torch']}; "
         f"load average before/after {env['loadavg_before']:.1f}/{env['loadavg_after']:.1f}; "
         f"peak memory: {results['memory_method']}."
     )
@@ -410,9 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 64x64 (window 2), 1 warm-up, 3 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2, quick 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--infer-repeats", type=int, default=3, help="forwards per timed inference sample")
     parser.add_argument(
         "--memory",
         choices=sorted(MEMORY_METHODS),
@@ -435,14 +447,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BenchConfig(
         backbone=dict(QUICK if args.quick else SWIN_T),
         batch_size=args.batch_size,
-        rounds=args.rounds or (3 if args.quick else 9),
+        rounds=args.rounds or (3 if args.quick else 15),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
         device=args.device,
         threads=args.threads,
+        infer_repeats=args.infer_repeats,
     )
+    if not args.device.startswith("cuda") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        # two-thread ops wait for scheduler slices on a busy machine: short ops (and so some variants) suffer most
+        print(f"warning: load average {os.getloadavg()[0]:.1f}; other processes skew CPU timings", file=sys.stderr)
     memory = args.memory or ("cuda" if args.device.startswith("cuda") else "inprocess" if args.quick else "subprocess")
     start = time.perf_counter()
-    results = run(cfg, memory=memory)
+    results = run(cfg, memory=memory, progress=True)
     results["wall_seconds"] = time.perf_counter() - start
     table = to_markdown(results)
     print(table)
