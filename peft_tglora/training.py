@@ -82,19 +82,35 @@ class SeededMultiTaskDataset(MultiTaskDataset):
     A sample's augmentation then depends on nothing else: not on which process or worker loads it, not on how many
     batches came before, and not on whether the run was interrupted and resumed, so a resumed run sees the same data
     as an uninterrupted one. Call `set_epoch(e)` before each epoch.
+
+    `prepare` is a deterministic transform run right after decoding (e.g. `Resize`); with `cache=True` its output is
+    kept in memory, so later epochs skip decoding and resizing (for sets that fit in memory, such as the demo's; each
+    data loader worker holds its own cache).
     """
 
-    def __init__(self, dataset, tasks: Sequence[str], transform: Callable, seed: int = 0):
+    def __init__(
+        self, dataset, tasks: Sequence[str], transform: Callable, seed: int = 0, *, prepare=None, cache=False
+    ):
         super().__init__(dataset, tasks, transform)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.prepare = seed, 0, prepare
+        self._cache: dict[int, dict] | None = {} if cache else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _prepared(self, index: int) -> dict[str, torch.Tensor]:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        sample = decode_example(self.dataset[index], self.tasks)
+        sample = self.prepare(sample) if self.prepare is not None else sample
+        if self._cache is not None:
+            self._cache[index] = sample  # transforms build new tensors, so the cached ones are never changed
+        return sample
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state) >> 1)
-        return self.transform(decode_example(self.dataset[int(index)], self.tasks), generator)
+        return self.transform(dict(self._prepared(int(index))), generator)
 
 
 @torch.no_grad()
