@@ -57,12 +57,16 @@ class TGLoraModel(BaseTuner):
 
     def _check_targets(self, peft_config: TGLoraConfig, model: nn.Module) -> None:
         # every check runs before the first module is replaced, so a bad config leaves the model untouched
-        self._prepare_model(peft_config, model)
+        self._index_stages(model)
         matched = [
-            (key, m) for key, m in model.named_modules() if key and check_target_module_exists(peft_config, key)
+            (key, m)
+            for key, m in model.named_modules()
+            if key
+            and "tglora_" not in key
+            and ".base_layer" not in key
+            and check_target_module_exists(peft_config, key)
         ]
-        matched = [(key, m) for key, m in matched if not isinstance(m, TGLoraLayer) and "tglora_" not in key]
-        if not matched and not any(isinstance(m, TGLoraLayer) for m in model.modules()):
+        if not matched:
             linears = sorted(
                 {".".join(k.split(".")[-2:]) for k, m in model.named_modules() if isinstance(m, nn.Linear)}
             )
@@ -71,7 +75,7 @@ class TGLoraModel(BaseTuner):
                 f"linear layers end in {linears}; leave `target_modules=None` for the attention and MLP linears."
             )
         for key, module in matched:
-            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            base = module.get_base_layer() if isinstance(module, TGLoraLayer) else module
             if not isinstance(base, nn.Linear):
                 # a config value that picks the wrong module, reported with the other config errors
                 raise ValueError(  # noqa: TRY004
@@ -80,7 +84,7 @@ class TGLoraModel(BaseTuner):
                 )
             self._stage_of_key(key)
 
-    def _prepare_model(self, peft_config: TGLoraConfig, model: nn.Module) -> None:
+    def _index_stages(self, model: nn.Module) -> None:
         _, spec = get_backbone_spec(model)
         stage_of = {id(m): s for s, mods in enumerate(spec.stage_containers(backbone_core(model))) for m in mods}
         self._stage_prefixes = [
