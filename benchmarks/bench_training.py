@@ -131,17 +131,22 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps; default one epoch.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--markdown", default=None, help="Also write the table into this file.")
+    parser.add_argument("--settings", default=None, help="e.g. '1,0,1 2,0,0': threads,workers,cache per setting.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         threads, workers, cache = map(int, args.worker.split(","))
         print(json.dumps(worker(threads, workers, bool(cache), args.steps, args.warmup)))
         return
-    results = {setting: [] for setting in SETTINGS}
+    settings = SETTINGS
+    if args.settings:
+        settings = [tuple(int(v) for v in item.split(",")) for item in args.settings.split()]
+        settings = [(t, w, bool(c)) for t, w, c in settings]
+    results = {setting: [] for setting in settings}
     for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every setting alike
-        for setting in SETTINGS:
+        for setting in settings:
             results[setting].append(run_setting(*setting, args.steps, args.warmup))
-    batch = results[SETTINGS[0]][0]["batch_size"]
+    batch = results[settings[0]][0]["batch_size"]
     text = (
         f"Demo settings (`examples/train_tglora.py --demo`: tiny Swin, 4 tasks, tree 1,1,2,4, 64 px, batch {batch}), "
         f"{args.steps} timed steps after {args.warmup or 'one epoch of'} warm-up steps, "

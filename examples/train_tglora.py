@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
 from peft import get_peft_model
 from torch.utils.data import DataLoader
@@ -53,6 +52,7 @@ from peft_tglora.training import (
     SeededMultiTaskDataset,
     build_backbone,
     checkpoint_step,
+    drop_frozen_weights,
     evaluate,
     resolve_checkpoint,
     save_heads,
@@ -60,8 +60,6 @@ from peft_tglora.training import (
     weights_digest,
 )
 
-
-logger = get_logger(__name__)
 
 # The README's main job: tiny random Swin, 4 PASCAL-style tasks on synthetic scenes, tree 1,1,2,4, about a minute.
 DEMO = dict(
@@ -176,15 +174,7 @@ def training_function(config, args):
     )
 
     # checkpoints hold what training changes (adapters, heads with their norm statistics), not the frozen backbone
-    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    frozen = {n for n, _ in accelerator.unwrap_model(model).named_parameters()} - trainable
-
-    def drop_frozen(models, state_dicts, _output_dir):
-        for state in state_dicts:
-            for name in frozen & set(state):
-                del state[name]
-
-    accelerator.register_save_state_pre_hook(drop_frozen)
+    accelerator.register_save_state_pre_hook(drop_frozen_weights(accelerator.unwrap_model(model)))
     if args.with_tracking:
         # TensorBoard takes scalars and strings as hyperparameters
         accelerator.init_trackers(

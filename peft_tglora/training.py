@@ -155,6 +155,24 @@ def weights_digest(module: nn.Module, trainable_only: bool = True) -> str:
     return digest.hexdigest()
 
 
+def drop_frozen_weights(model: nn.Module) -> Callable:
+    """
+    A hook for `accelerator.register_save_state_pre_hook` that leaves `model`'s frozen parameters out of checkpoints.
+
+    Buffers (e.g. the heads' norm statistics) and trainable parameters stay; load such a checkpoint with
+    `accelerator.load_state(path, strict=False)`, the frozen weights coming from the model as built.
+    """
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+
+    def hook(models, state_dicts, output_dir):
+        for state in state_dicts:
+            # under DDP the state dict is the wrapper's: its names carry a "module." prefix
+            for key in [k for k in state if k.removeprefix("module.") in frozen]:
+                del state[key]
+
+    return hook
+
+
 def save_heads(heads: nn.ModuleDict, head_config: Mapping, directory: str | os.PathLike) -> None:
     """Write `heads.safetensors` (state dict keyed `task.param`) and `heads_config.json` (how to rebuild them)."""
     from safetensors.torch import save_file

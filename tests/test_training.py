@@ -16,6 +16,7 @@ from peft_tglora.training import (
     SeededMultiTaskDataset,
     build_backbone,
     checkpoint_step,
+    drop_frozen_weights,
     load_heads,
     resolve_checkpoint,
     save_heads,
@@ -153,3 +154,15 @@ def test_failed_push_returns_none_keeps_files_and_says_how_to_retry(tmp_path, mo
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == b"weights"
     message = caplog.records[-1].getMessage()
     assert "OfflineModeIsEnabled" in message and str(tmp_path.resolve()) in message and "hf upload me/x" in message
+
+
+def test_checkpoint_hook_drops_frozen_weights_also_under_ddp_names(model):
+    model, _ = model
+    hook = drop_frozen_weights(model)
+    state = model.state_dict()
+    ddp_state = {f"module.{k}": v for k, v in state.items()}
+    hook([model], [state, ddp_state], "unused")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers()} & set(model.state_dict())  # persistent ones
+    assert set(state) == trainable | buffers and {k.removeprefix("module.") for k in ddp_state} == set(state)
+    assert any("running_mean" in k for k in state)  # the heads' norm statistics are kept
