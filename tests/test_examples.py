@@ -31,14 +31,14 @@ def load_example(name):
     return module
 
 
-def run_training(*argv):
+def run_training(*argv, base=TINY):
     """Run examples/train_tglora.py in this process (Accelerate's singletons reset around it)."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses below: steady timings on a shared 2-core machine
     try:
-        return load_example("train_tglora").main([*TINY, *map(str, argv)])
+        return load_example("train_tglora").main([*base, *map(str, argv)])
     finally:
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -198,3 +198,19 @@ def test_inference_writes_one_image_per_task(trained, tmp_path):
     assert sorted(p.name for p in written) == sorted(f"red_{t}.png" for t in TASKS.split(","))
     assert Image.open(tmp_path / "preds" / "red_semseg.png").size == (40, 30)  # back at the image's own size
     assert Image.open(tmp_path / "preds" / "red_all.png").size == (40 * 5, 30)
+
+
+def test_backbone_from_a_local_folder(tmp_path):
+    from peft_tglora.training import build_backbone, load_multitask_model
+
+    build_backbone(
+        "tiny-swin", 64, {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
+    ).save_pretrained(tmp_path / "swin")
+    out = tmp_path / "out"
+    metrics = run_training(
+        "--backbone", tmp_path / "swin", "--max_train_steps", 2, "--output_dir", out, base=TINY[:-2]
+    )
+    assert not (out / "base_model").exists()  # a backbone with a path is loaded from it, not copied
+    model, info = load_multitask_model(out)
+    assert info["backbone"] == str(tmp_path / "swin")
+    assert set(model(torch.zeros(1, 3, 64, 64))) == set(metrics)
