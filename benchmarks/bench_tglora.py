@@ -186,6 +186,8 @@ def build_variant(name: str, cfg: BenchConfig, base: SwinModel, x: torch.Tensor)
             info["merged_layers"] = sum(bool(getattr(m, "merged", False)) for m in model.modules())
         elif name == "base_streams":
             replicate_streams(model, task_tree(cfg))
+        if name in ("base", "base_streams"):
+            model.requires_grad_(False)  # the frozen backbone; inference only
         model.eval()
 
         def step():
