@@ -5,8 +5,8 @@
 # epochs -> adapter + heads + model card in --output_dir -> optionally pushed to the Hub.
 #
 # It runs unchanged on one CPU, one GPU, several GPUs and several machines:
-#   python examples/train_tglora.py --demo                                   # the README's demo, ~1 min on a CPU
-#   accelerate launch --cpu --num_processes 2 examples/train_tglora.py --demo
+#   python examples/train_tglora.py --demo                             # the README's demo, ~35 s on a 2-core CPU
+#   accelerate launch --multi_gpu --num_processes 2 examples/train_tglora.py --cpu --demo   # 2 gloo CPU processes
 #   accelerate launch --multi_gpu --num_processes 8 examples/train_tglora.py --backbone microsoft/swin-tiny-patch4-window7-224 \
 #       --dataset pascal_context --data_root /data/PASCAL_MT --image_size 448 --mixed_precision bf16
 # Resume mid-epoch, nothing lost: --resume_from_checkpoint OUTPUT_DIR/checkpoints/step_N (or "latest").
