@@ -7,7 +7,7 @@ and compute (forward, per-task losses, backward, clipping, AdamW). Each setting 
 interleaved over rounds, and the table reports medians over rounds.
 
     python benchmarks/bench_training.py                      # prints a Markdown table
-    python benchmarks/bench_training.py --markdown benchmarks/RESULTS_training.md
+    python benchmarks/bench_training.py --markdown /tmp/training.md   # a table for benchmarks/RESULTS.md
 """
 
 import argparse
