@@ -55,6 +55,8 @@ class Resize:
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
         out = dict(sample)
         for key, x in sample.items():
+            if torch.is_tensor(x) and tuple(x.shape[-2:]) == self.size:
+                continue  # already the size: interpolating would only cost time (and blur normals' norms)
             if key == "image":
                 out[key] = _resize_map(x, self.size, "bilinear").clamp(0.0, 1.0)
             elif key == "normals":
