@@ -4,11 +4,11 @@ Load offline with `peft_tglora.tasks.load_metric("saliency")` or `evaluate.load(
 `peft_tglora.tasks.metrics.core.MaxF`; see that module for the thresholds and the beta^2 = 0.3 convention.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
 from peft_tglora.tasks.metrics.core import SALIENCY_THRESHOLDS, MaxF
+from peft_tglora.tasks.metrics.evaluate_info import map_metric_info
 
 
 _DESCRIPTION = """Dataset-level maxF in percent: for thresholds 0.05, 0.10, ..., 0.95 on probabilities, precision and
@@ -29,17 +29,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MaxFMetric(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                }
-            ),
-        )
+        return map_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references, beta_squared: float = 0.3, thresholds=None, ignore_index: int = 255):
         meter = MaxF(beta_squared, SALIENCY_THRESHOLDS if thresholds is None else thresholds, ignore_index)

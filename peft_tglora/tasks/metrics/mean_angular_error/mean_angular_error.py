@@ -4,11 +4,11 @@ Load offline with `peft_tglora.tasks.load_metric("normals")` or `evaluate.load(<
 `peft_tglora.tasks.metrics.core.MeanAngularError`.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
 from peft_tglora.tasks.metrics.core import MeanAngularError
+from peft_tglora.tasks.metrics.evaluate_info import map_metric_info
 
 
 _DESCRIPTION = """Mean angle in degrees between the unit-normalised predicted normal and the unit label normal, over
@@ -26,13 +26,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MeanAngularErrorMetric(evaluate.Metric):
     def _info(self):
-        volume = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("float32"))))
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": volume, "references": volume}),
-        )
+        return map_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, ndim=3)
 
     def _compute(self, predictions, references):
         meter = MeanAngularError()

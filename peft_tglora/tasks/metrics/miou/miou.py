@@ -4,11 +4,11 @@ Load offline with `peft_tglora.tasks.load_metric("semseg")` or `evaluate.load(<t
 `peft_tglora.tasks.metrics.core.MeanIoU`; see that module for the convention on classes absent from both maps.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
 from peft_tglora.tasks.metrics.core import MeanIoU
+from peft_tglora.tasks.metrics.evaluate_info import map_metric_info
 
 
 _DESCRIPTION = """Dataset-level mIoU in percent: per-class IoU = TP / (TP + FP + FN) over pixels whose label is not
@@ -32,17 +32,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MeanIoUMetric(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-                }
-            ),
-        )
+        return map_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, "int32")
 
     def _compute(self, predictions, references, num_classes: int, ignore_index: int = 255):
         meter = MeanIoU(num_classes, ignore_index)

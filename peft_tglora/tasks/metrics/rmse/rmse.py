@@ -4,11 +4,11 @@ Load offline with `peft_tglora.tasks.load_metric("depth")` or `evaluate.load(<th
 `peft_tglora.tasks.metrics.core.RMSE`.
 """
 
-import datasets
 import evaluate
 import numpy as np
 
 from peft_tglora.tasks.metrics.core import RMSE
+from peft_tglora.tasks.metrics.evaluate_info import map_metric_info
 
 
 _DESCRIPTION = """Dataset-level RMSE: sqrt of the squared error summed over all valid pixels (label > 0) of all images,
@@ -26,17 +26,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RMSEMetric(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                }
-            ),
-        )
+        return map_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references):
         meter = RMSE()
