@@ -88,15 +88,10 @@ def _pvt_v2_encoder_forward(self, pixel_values, output_attentions=False, output_
         hidden_states = outputs[0]
         if output_attentions:
             all_self_attentions = all_self_attentions + (outputs[1],)
-        hidden_states = hidden_states.reshape(hidden_states.shape[0], height, width, -1).permute(0, 3, 1, 2)
-        hidden_states = hidden_states.contiguous()
+        hidden_states = _tokens_to_map(hidden_states, height, width).contiguous()
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
-    if not return_dict:
-        return tuple(v for v in [hidden_states, all_hidden_states, all_self_attentions] if v is not None)
-    return BaseModelOutput(
-        last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_self_attentions
-    )
+    return _encoder_output(hidden_states, all_hidden_states, all_self_attentions, return_dict)
 
 
 def _pvt_encoder_forward(self, pixel_values, output_attentions=False, output_hidden_states=False, return_dict=True):
@@ -115,11 +110,14 @@ def _pvt_encoder_forward(self, pixel_values, output_attentions=False, output_hid
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
         if idx != last:
-            hidden_states = hidden_states.reshape(hidden_states.shape[0], height, width, -1).permute(0, 3, 1, 2)
-            hidden_states = hidden_states.contiguous()
+            hidden_states = _tokens_to_map(hidden_states, height, width).contiguous()
     hidden_states = self.layer_norm(hidden_states)
     if output_hidden_states:
         all_hidden_states = all_hidden_states + (hidden_states,)
+    return _encoder_output(hidden_states, all_hidden_states, all_self_attentions, return_dict)
+
+
+def _encoder_output(hidden_states, all_hidden_states, all_self_attentions, return_dict):
     if not return_dict:
         return tuple(v for v in [hidden_states, all_hidden_states, all_self_attentions] if v is not None)
     return BaseModelOutput(

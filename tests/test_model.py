@@ -274,3 +274,13 @@ def test_segformer_decode_head_needs_one_stream():
     model = transformers.SegformerForSemanticSegmentation(tiny_backbone("segformer").config).eval()
     out = get_peft_model(model, TGLoraConfig(tasks=TASKS, task_groups="shared", r=4))(pixels())
     assert out.logits.shape[0] == 2 and out.task_features["sal"][0].shape[0] == 2
+
+
+@pytest.mark.parametrize("model_type", ["pvt", "pvt_v2"])
+def test_unload_restores_the_encoder_forward(model_type):
+    x = pixels()
+    model = tglora(model_type)
+    plain = model.unload()
+    assert "forward" not in vars(plain.encoder)  # the per-stage batch-size forward is gone again
+    expected = tiny_backbone(model_type)(x).last_hidden_state
+    torch.testing.assert_close(plain(x).last_hidden_state, expected, rtol=0, atol=0)
