@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .tree import TaskTree
+
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +22,11 @@ PUSH_IGNORE = ["checkpoints/*", "checkpoints/**", "logs/*", "logs/**"]
 
 
 def tree_table(task_groups: Sequence[Sequence[Sequence[str]]]) -> str:
-    """The task tree as a Markdown table: one row per stage, groups as `{a, b}`."""
+    """The task tree as a Markdown table: one row per stage (numbered from 0, as in `TaskTree`), groups as `{a, b}`."""
     lines = ["| stage | groups | task groups |", "|---|---|---|"]
     for s, stage in enumerate(task_groups):
         groups = " ".join("{" + ", ".join(group) + "}" for group in stage)
-        lines.append(f"| {s + 1} | {len(stage)} | {groups} |")
+        lines.append(f"| {s} | {len(stage)} | {groups} |")
     return "\n".join(lines)
 
 
@@ -84,6 +86,10 @@ def model_card(
         "Adapters are shared by the tasks of a group; a stage with G groups runs G streams.",
         "",
         tree_table(task_groups),
+        "",
+        "```mermaid",
+        TaskTree.from_groups(tasks, task_groups).to_mermaid(),
+        "```",
         "",
     ]
     if metrics:

@@ -114,7 +114,8 @@ def test_model_card_names_tasks_tree_metrics_and_loading():
         primary={"semseg": "mIoU"}, delta_m=3.2, training={"r": 8},
     )  # fmt: skip
     assert card.startswith("---\nbase_model: microsoft/swin-tiny-patch4-window7-224\n")
-    assert "| 3 | 2 | {semseg} {saliency, normals} |" in card
+    assert "| 2 | 2 | {semseg} {saliency, normals} |" in card
+    assert "```mermaid\nflowchart LR" in card  # the tree as a picture the Hub draws
     assert "| semseg | mIoU | **67.5** |" in card and "| normals | mean_angular_error | 16.9 |" in card
     assert "+3.20%" in card and "import peft_tglora" in card
     assert 'PeftModel.from_pretrained(base, "me/tglora")' in card
@@ -124,7 +125,7 @@ def test_model_card_names_tasks_tree_metrics_and_loading():
 
 
 def test_tree_table():
-    assert tree_table([[["a", "b"]], [["a"], ["b"]]]).splitlines()[2:] == ["| 1 | 1 | {a, b} |", "| 2 | 2 | {a} {b} |"]
+    assert tree_table([[["a", "b"]], [["a"], ["b"]]]).splitlines()[2:] == ["| 0 | 1 | {a, b} |", "| 1 | 2 | {a} {b} |"]
 
 
 def test_push_uploads_the_folder_without_checkpoints(tmp_path, monkeypatch):
