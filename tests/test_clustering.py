@@ -83,8 +83,9 @@ def test_threshold_per_stage_and_last_stage():
 
 @pytest.mark.parametrize("linkage", ["average", "complete", "single"])
 def test_matches_scipy_reference(linkage):
-    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
-    distance = pytest.importorskip("scipy.spatial.distance")
+    from scipy.cluster import hierarchy
+    from scipy.spatial import distance
+
     for seed in range(20):
         num_tasks = 2 + seed % 6
         sim = random_similarity(num_tasks, seed)

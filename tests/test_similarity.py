@@ -184,7 +184,8 @@ def test_projection_preserves_inner_products():
 
 
 def test_wrt_choices_with_peft_lora():
-    peft = pytest.importorskip("peft")
+    import peft
+
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["0"], r=2))
     base = shared_parameters(lora, "backbone")
@@ -233,10 +234,8 @@ def test_json_round_trip_and_plot(tmp_path):
 
 
 def test_json_loads_into_tglora_config(tmp_path):
-    try:
-        from peft_tglora import TGLoraConfig
-    except ImportError as error:
-        pytest.skip(f"the core tuner (TGLoraConfig) is not importable yet: {error}")
+    from peft_tglora import TGLoraConfig
+
     sim = TaskSimilarity(tasks=["a", "b", "c", "d"], matrix=np.array(json.loads(json.dumps(HAND))))
     path = sim.to_json(tmp_path / "sim.json")
     config = TGLoraConfig(tasks=sim.tasks, task_groups=[1, 1, 2, 4], similarity_file=str(path))
@@ -303,7 +302,8 @@ def test_plain_backbone_needs_features_fn():
 
 
 def test_single_process_accelerator_gives_same_result():
-    accelerate = pytest.importorskip("accelerate")
+    import accelerate
+
     backbone, heads, losses = setup()
     batches = make_batches(3, seed=0)
     plain = compute_task_similarity(backbone, heads, losses, batches, num_batches=3, disable_progress=True)
@@ -363,17 +363,14 @@ def test_cli_from_json_writes_tree_loadable_by_config(tmp_path):
     assert (tmp_path / "out" / "similarity.png").stat().st_size > 0
     one_threshold = run(["--from-json", str(source), "--threshold", "0.7", "--out", str(tmp_path / "t")])
     assert one_threshold["groups_per_stage"] == [1, 1, 1, 3]
-    try:
-        from peft_tglora import TGLoraConfig
-    except ImportError as error:
-        pytest.skip(f"the core tuner (TGLoraConfig) is not importable yet: {error}")
+    from peft_tglora import TGLoraConfig
+
     config = TGLoraConfig(tasks=saved["tasks"], task_groups=saved["task_groups"])
     assert config.task_groups == saved["task_groups"]
 
 
 @pytest.mark.slow
 def test_cli_computes_on_synthetic_data(tmp_path):
-    pytest.importorskip("datasets")
     from peft_tglora.similarity_cli import run
 
     args = ["--tasks", "semseg,saliency,depth", "--num-images", "8", "--batch-size", "4", "--num-batches", "2"]
@@ -385,12 +382,10 @@ def test_cli_computes_on_synthetic_data(tmp_path):
 
 
 def test_tglora_shared_tree_matches_brute_force():
-    try:
-        from peft_tglora import TGLoraConfig
-    except ImportError as error:
-        pytest.skip(f"the core tuner (TGLoraConfig) is not importable yet: {error}")
     from peft import get_peft_model
     from transformers import SwinConfig, SwinModel
+
+    from peft_tglora import TGLoraConfig
 
     torch.manual_seed(0)
     config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4)
