@@ -116,7 +116,9 @@ def build_model(config, args, save_base_to=None):
     )  # fmt: skip
     backbone = get_peft_model(backbone, peft_config)
     if args.gradient_checkpointing:  # after wrapping, non-reentrant: see PEFT_NOTES 1.9
-        backbone.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.base_model.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     channels = stage_channels(backbone, config["image_size"])
     head_kwargs = dict(
         channels=[config["head_width"] * 2**s for s in range(len(channels))], hidden_channels=config["head_hidden"],

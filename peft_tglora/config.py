@@ -112,4 +112,10 @@ class TGLoraConfig(PeftConfig):
                 f"The preset task_groups={self.task_groups!r} is expanded when the config meets a backbone; call "
                 "`get_peft_model` first or use `resolve_for_backbone(num_stages)`."
             )
-        return TaskTree.from_groups(self.tasks, self.task_groups)
+        # cached: the stream hooks ask for it on every forward; the key notices a changed `task_groups`
+        key = repr((self.tasks, self.task_groups))
+        cached = self.__dict__.get("_task_tree_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, TaskTree.from_groups(self.tasks, self.task_groups))
+            self.__dict__["_task_tree_cache"] = cached
+        return cached[1]

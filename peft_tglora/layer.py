@@ -119,7 +119,9 @@ class Linear(nn.Module, TGLoraLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            # layers of grouped stages never merge: `unmerge_adapter()` reaching them is no cause for a warning
+            if any(self.num_groups(name) == 1 for name in self.tglora_A):
+                warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:

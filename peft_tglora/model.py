@@ -185,8 +185,10 @@ class TGLoraModel(BaseTuner):
 
     def _make_split_hook(self, stage: int):
         def split_streams(module, args, kwargs):
-            tree = self._call_tree
-            if tree is None or not self._call_splits or not tree.splits_at(stage):
+            # reads the model's state, not the call's, so that a checkpoint that recomputes the stage with its
+            # hooks (after the call has ended) splits the same way
+            tree = None if getattr(self, "_streams_disabled", False) else self._active_tree()
+            if tree is None or not tree.splits_at(stage):
                 return None
             hidden = args[0]
             parents = tree.parent_indices[stage]

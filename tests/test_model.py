@@ -200,8 +200,8 @@ def test_gradient_checkpointing_keeps_gradients():
     for checkpointing in (False, True):
         model = tglora("swin")
         if checkpointing:
-            model.base_model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            model.base_model.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
             assert model.base_model.model.encoder.layers[0].gradient_checkpointing
         model.train()  # checkpointing only acts in training; the same seed gives the same drop-path masks
