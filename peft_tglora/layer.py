@@ -145,12 +145,18 @@ class Linear(nn.Module, TGLoraLayer):
                     "outside its backbone?"
                 )
             xg = x_in.reshape(groups, -1, self.in_features)  # [G, n, in], rows of group g are contiguous
-            delta = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2))  # [G, n, out]
-            delta = delta.reshape(*x.shape[:-1], self.out_features) * self.scaling[name]
+            h = torch.bmm(xg, a.transpose(1, 2))  # [G, n, r]
+            if h.dtype == result.dtype:
+                # scaling and the residual add fused into the second matmul: two fewer passes over [G, n, out]
+                result = torch.baddbmm(
+                    result.reshape(groups, -1, self.out_features), h, b.transpose(1, 2), alpha=self.scaling[name]
+                ).reshape(result.shape)
+            else:
+                delta = torch.bmm(h, b.transpose(1, 2)) * self.scaling[name]  # [G, n, out]
+                result = result + delta.reshape(result.shape).to(result.dtype)
             if name in self.tglora_shared_A:
                 shared = x_in @ self.tglora_shared_A[name].t() @ self.tglora_shared_B[name].t()
-                delta = delta + shared * self.shared_scaling[name]
-            result = result + delta.to(result.dtype)
+                result = result + (shared * self.shared_scaling[name]).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

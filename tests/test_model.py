@@ -284,3 +284,24 @@ def test_unload_restores_the_encoder_forward(model_type):
     assert "forward" not in vars(plain.encoder)  # the per-stage batch-size forward is gone again
     expected = tiny_backbone(model_type)(x).last_hidden_state
     torch.testing.assert_close(plain(x).last_hidden_state, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_layer_against_a_hand_computation(base_dtype):
+    from peft_tglora.layer import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(
+        torch.nn.Linear(8, 6).to(base_dtype), "default", num_groups=3, r=2, lora_alpha=4, init_lora_weights=False
+    )
+    layer.tglora_A["default"].data = layer.tglora_A["default"].data.float()  # adapters in fp32, as PEFT's autocast
+    layer.tglora_B["default"].data = layer.tglora_B["default"].data.float()
+    x = torch.randn(3 * 5, 4, 8).to(base_dtype)  # 3 groups of 5 rows, 4 tokens each
+    a, b = layer.tglora_A["default"], layer.tglora_B["default"]
+    expected = layer.base_layer(x).float()
+    for g in range(3):
+        expected[g * 5 : (g + 1) * 5] += 2.0 * x[g * 5 : (g + 1) * 5].float() @ a[g].T @ b[g].T
+    got = layer(x)
+    assert got.dtype == base_dtype
+    tol = 1e-5 if base_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
