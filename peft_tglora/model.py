@@ -39,6 +39,8 @@ class TGLoraModel(BaseTuner):
     """
 
     prefix: str = "tglora_"
+    # set by `disable_adapter()`: the model is then the base model, one stream that every task reads
+    _streams_disabled: bool = False
     tuner_layer_cls = TGLoraLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {
         name: list(spec.target_modules) for name, spec in BACKBONES.items()
@@ -180,14 +182,12 @@ class TGLoraModel(BaseTuner):
     def _begin_call(self, module, args):
         self._stage_features = {}
         self._call_tree = self._active_tree()
-        # with adapters disabled the model is the base model: one stream that every task reads
-        self._call_splits = not getattr(self, "_streams_disabled", False)
 
     def _make_split_hook(self, stage: int):
         def split_streams(module, args, kwargs):
             # reads the model's state, not the call's, so that a checkpoint that recomputes the stage with its
             # hooks (after the call has ended) splits the same way
-            tree = None if getattr(self, "_streams_disabled", False) else self._active_tree()
+            tree = None if self._streams_disabled else self._active_tree()
             if tree is None or not tree.splits_at(stage):
                 return None
             hidden = args[0]
@@ -213,7 +213,7 @@ class TGLoraModel(BaseTuner):
         if tree is None or not hasattr(output, "keys") or len(features) != tree.num_stages:
             return output
         stages = range(tree.num_stages)
-        if not self._call_splits:
+        if self._streams_disabled:
             output["task_features"] = {task: tuple(features[s] for s in stages) for task in tree.tasks}
             return output
         batch = features[0].shape[0] // tree.groups_per_stage[0]
@@ -224,7 +224,6 @@ class TGLoraModel(BaseTuner):
         return output
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        # with adapters off the model must be the base model: one stream, no split
         self._streams_disabled = not enabled
         super()._enable_adapter_layers(enabled)
 
