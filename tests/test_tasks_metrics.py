@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from peft_tglora.tasks import build_meter, delta_m, load_metric, postprocess
+from peft_tglora.tasks import build_meter, delta_m, postprocess
 from peft_tglora.tasks.metrics import core
 
 
@@ -98,20 +98,14 @@ def test_rmse_over_valid_pixels():
     assert meter.compute()["rmse"] == pytest.approx(math.sqrt(5 / 3))
 
 
-def test_evaluate_modules_load_offline_and_match_core(monkeypatch):
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    miou = load_metric("semseg").compute(predictions=[SEG_PRED], references=[SEG_TARGET], num_classes=4)
-    assert miou["mIoU"] == pytest.approx(SEG_MIOU)
-    assert load_metric("saliency").compute(predictions=[SAL_PROB], references=[SAL_TARGET])["maxF"] == pytest.approx(
-        SAL_MAXF
-    )
-    pred = np.array([[1, 0, 0], [1, 1, 0]], dtype=np.float32).T.reshape(3, 1, 2)
-    target = np.array([[0, 1, 0], [1, 0, 0]], dtype=np.float32).T.reshape(3, 1, 2)
-    mae = load_metric("normals").compute(predictions=[pred], references=[target])["mean_angular_error"]
-    assert mae == pytest.approx((90 + 45) / 2, abs=1e-4)
-    rmse = load_metric("depth").compute(predictions=[np.ones((1, 2))], references=[np.array([[3.0, 0.0]])])["rmse"]
-    assert rmse == pytest.approx(2.0)
+def test_edge_texture_rmse_counts_zero_targets_that_depth_skips():
+    # edge_texture: 0 is a real value (flat regions), so every pixel counts; depth skips label 0 as invalid
+    pred, target = np.array([[0.1, 0.2]]), np.array([[0.0, 0.5]])
+    texture, depth = build_meter("edge_texture"), build_meter("depth")
+    texture.update(pred[None, None], target[None])
+    depth.update(pred[None, None], target[None])
+    assert texture.compute()["rmse"] == pytest.approx(math.sqrt((0.1**2 + 0.3**2) / 2))
+    assert depth.compute()["rmse"] == pytest.approx(0.3)
 
 
 def test_postprocess_formats():

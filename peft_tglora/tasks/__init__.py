@@ -1,8 +1,7 @@
-"""
-Multi-task dense prediction for the training examples: task registry, heads, losses, metrics and data.
+"""Multi-task dense prediction for the training examples: the task table, heads, losses, metrics and data.
 
-Kept apart from the tuner (DESIGN.md): nothing in `peft_tglora`'s core imports this subpackage. `datasets`,
-`evaluate` and `PIL` (the `train` extra) are imported only inside the functions that need them.
+Kept apart from the tuner (DESIGN.md): nothing in `peft_tglora`'s core imports this subpackage. `datasets` and `PIL`
+(the `train` extra) are imported only inside the functions that need them. `specs.TASKS` is the one per-task table.
 """
 
 from .data import (
@@ -10,19 +9,18 @@ from .data import (
     build_dataloaders,
     collate,
     decode_example,
-    decode_image,
     decode_label,
     load_multitask_dataset,
     save_multitask_folder,
 )
 from .heads import MultiScaleHead, build_head, build_heads
-from .losses import LOSSES, build_loss, multitask_loss, task_loss
-from .metrics import build_meter, delta_m, load_metric, metric_path, postprocess
+from .labels import IGNORE_INDEX, decode_image
+from .objectives import build_loss, build_meter, delta_m, multitask_loss, postprocess, task_loss
 from .specs import (
     DATASETS,
-    IGNORE_INDEX,
     TASKS,
     DatasetSpec,
+    MapRule,
     TaskSpec,
     default_loss_weights,
     get_dataset_spec,
@@ -44,10 +42,10 @@ from .transforms import (
 __all__ = [
     "DATASETS",
     "IGNORE_INDEX",
-    "LOSSES",
     "TASKS",
     "Compose",
     "DatasetSpec",
+    "MapRule",
     "MultiScaleHead",
     "MultiTaskDataset",
     "Normalize",
@@ -69,10 +67,8 @@ __all__ = [
     "eval_transforms",
     "get_dataset_spec",
     "get_task_spec",
-    "load_metric",
     "load_multitask_dataset",
     "make_synthetic_multitask",
-    "metric_path",
     "multitask_loss",
     "num_outputs_for",
     "postprocess",

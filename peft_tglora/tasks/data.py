@@ -18,89 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .labels import decode_image, to_array
 from .specs import get_dataset_spec, get_task_spec
 
 
 IMAGE_DIR = "images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-LABEL_SUFFIXES = {  # searched in order
-    "semseg": (".png",),
-    "human_parts": (".png",),
-    "saliency": (".png",),
-    "edges": (".png",),
-    "normals": (".npy", ".png"),
-    "depth": (".npy", ".png"),
-}
-
-
-# ---------------------------------------------------------------- decoding
-def _to_array(value) -> np.ndarray:
-    """PIL image, array, nested list, `{"bytes"/"path"}` dict (an undecoded `datasets.Image`) or file path → array."""
-    from PIL import Image
-
-    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        import io
-
-        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else value["path"]
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_file():
-            raise FileNotFoundError(f"Label file {str(path)!r} does not exist.")
-        return np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path))
-    if isinstance(value, Image.Image):
-        return np.asarray(value)
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    return np.asarray(value)
-
-
-def decode_image(value) -> torch.Tensor:
-    """RGB image → float `[3, H, W]` in [0, 1]; greyscale is repeated and an alpha channel dropped."""
-    x = _to_array(value)
-    if x.ndim == 2:
-        x = np.repeat(x[..., None], 3, axis=-1)
-    x = x[..., :3]
-    scale = 255.0 if x.dtype == np.uint8 else (65535.0 if x.dtype == np.uint16 else 1.0)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale).permute(2, 0, 1).contiguous()
 
 
 def decode_label(task: str, value) -> torch.Tensor:
-    """
-    One stored label → the tensor format of the batch.
-
-    - semseg, human_parts: class ids → long `[H, W]`, 255 = ignore.
-    - saliency, edges: 8-bit 0 / 255 (or 0 / 1) images, or arrays of 0 / 1 with 255 = ignore → float `[H, W]`.
-    - normals: float `[H, W, 3]` or `[3, H, W]` in [-1, 1], or an 8-bit RGB PNG with n = 2 v / 255 - 1 → float
-      `[3, H, W]` of unit vectors; vectors with length outside [0.5, 1.5] (e.g. zeros, or RGB 0,0,0 / 128,128,128)
-      are invalid and become 0.
-    - depth: float metres, or an integer (16-bit PNG) in millimetres → float `[H, W]`, 0 = invalid.
-    """
-    get_task_spec(task)
-    x = _to_array(value)
-    if task in ("semseg", "human_parts"):
-        if x.ndim == 3:
-            raise ValueError(f"{task} labels must be single-channel class-id maps, got shape {x.shape}.")
-        return torch.from_numpy(x.astype(np.int64))
-    if task in ("saliency", "edges"):
-        x = x[..., 0] if x.ndim == 3 else x
-        if x.dtype == np.uint8 and x.max(initial=0) > 1:
-            x = x > 127  # 8-bit images encode positives as 255, so they cannot carry an ignore value
-        return torch.from_numpy(x.astype(np.float32))
-    if task == "normals":
-        if x.ndim != 3 or 3 not in (x.shape[0], x.shape[-1]):
-            raise ValueError(f"normals must be [H, W, 3] or [3, H, W], got shape {x.shape}.")
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) * (2.0 / 255.0) - 1.0
-        x = np.moveaxis(x, -1, 0) if x.shape[-1] == 3 and x.shape[0] != 3 else x
-        n = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        length = n.norm(dim=0, keepdim=True)
-        valid = (length >= 0.5) & (length <= 1.5)
-        return torch.where(valid, n / length.clamp_min(1e-12), torch.zeros_like(n))
-    if task == "depth":
-        x = x[..., 0] if x.ndim == 3 else x
-        scale = 1000.0 if np.issubdtype(x.dtype, np.integer) else 1.0
-        return torch.from_numpy(x.astype(np.float32) / scale)
-    raise ValueError(f"No decoder for task {task!r}.")
+    """One stored label (file path, PIL image, array, ...) → the tensor format of the batch, by the task's decoder."""
+    return get_task_spec(task).decode(to_array(value), task)
 
 
 def decode_example(example: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -170,12 +98,13 @@ def _load_folder(root: Path, split: str, tasks: Sequence[str]):
         raise FileNotFoundError(f"{str(image_dir)!r} holds no {'/'.join(IMAGE_SUFFIXES)} image.")
     columns: dict[str, list] = {"id": [p.stem for p in images], "image": [str(p) for p in images]}
     for task in tasks:
-        found = [_find(split_dir / task, p.stem, LABEL_SUFFIXES[task]) for p in images]
+        suffixes = get_task_spec(task).suffixes
+        found = [_find(split_dir / task, p.stem, suffixes) for p in images]
         missing = [p.stem for p, f in zip(images, found) if f is None]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(images)} images have no {task} label in {str(split_dir / task)!r} "
-                f"(looked for {'/'.join(LABEL_SUFFIXES[task])}), e.g. {missing[:3]}."
+                f"(looked for {'/'.join(suffixes)}), e.g. {missing[:3]}."
             )
         columns[task] = [str(f) for f in found]
     dataset = datasets.Dataset.from_dict(columns)
@@ -246,8 +175,9 @@ def load_multitask_dataset(
 
 def save_multitask_folder(dataset, root: str | os.PathLike, split: str, tasks: Sequence[str]) -> Path:
     """
-    Write a multi-task data set in the local folder layout (PNG images and class maps, .npy normals and depth), e.g.
-    to convert data from another source or to give tests a folder to read. Returns the split folder.
+    Write a multi-task data set in the local folder layout, e.g. to convert data from another source or to give tests
+    a folder to read: PNG images and class maps, 16-bit PNG binary maps (0 / 1, 255 ignored, without the ambiguity
+    of an 8-bit 0 / 255 map), and `.npy` for the tasks whose first suffix is `.npy`. Returns the split folder.
     """
     from PIL import Image
 
@@ -261,12 +191,12 @@ def save_multitask_folder(dataset, root: str | os.PathLike, split: str, tasks: S
         image = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(image).save(split_dir / IMAGE_DIR / f"{stem}.png")
         for task in tasks:
-            label = sample[task].numpy()
-            if task in ("normals", "depth"):
-                np.save(split_dir / task / f"{stem}.npy", np.moveaxis(label, 0, -1) if task == "normals" else label)
+            spec, label = get_task_spec(task), sample[task].numpy()
+            if spec.suffixes[0] == ".npy":
+                np.save(split_dir / task / f"{stem}.npy", np.moveaxis(label, 0, -1) if label.ndim == 3 else label)
             else:
-                scale = 255 if task in ("saliency", "edges") else 1
-                Image.fromarray((label * scale).astype(np.uint8)).save(split_dir / task / f"{stem}.png")
+                dtype = np.uint16 if spec.kind == "binary" else np.uint8
+                Image.fromarray(label.astype(dtype)).save(split_dir / task / f"{stem}.png")
     return split_dir
 
 

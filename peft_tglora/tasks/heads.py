@@ -20,7 +20,7 @@ Parameter counts for both inputs are printed by
 and copied, with that command, into docs/TASKS.md.
 
 Output resolution. A head returns logits at the resolution of its first input stage; pass `output_size` to get them
-bilinearly upsampled (MTLoRA upsamples to the image size before the loss). `peft_tglora.tasks.losses.task_loss` requires
+bilinearly upsampled (MTLoRA upsamples to the image size before the loss). `peft_tglora.tasks.task_loss` requires
 predictions at the label resolution and says so when they are not.
 """
 

@@ -1,5 +1,4 @@
-"""
-Per-task losses, following MTI-Net / MTLoRA (`losses/loss_functions.py` there), on the batch format of `data.py`.
+"""Per-task losses, following MTI-Net / MTLoRA (`losses/loss_functions.py` there), on the batch format of `data.py`.
 
 - semseg, human parts: cross-entropy, pixels labelled `IGNORE_INDEX` (255) ignored.
 - saliency, edges: class-balanced binary cross-entropy on logits. With `pos_weight=None` the positive weight is the
@@ -8,20 +7,21 @@ Per-task losses, following MTI-Net / MTLoRA (`losses/loss_functions.py` there), 
 - normals: the prediction is L2-normalised over channels, then L1 against the unit label, averaged over the valid
   pixels' channels (a label vector of zeros marks an invalid pixel).
 - depth: L1 over pixels with depth > 0.
+- dense regression with no invalid value (edge_texture): L1 over all pixels.
 
-All losses take the head's raw output at the label resolution (`MultiScaleHead(..., output_size=label.shape[-2:])`).
+Pure functions of `(prediction, target)`; the task table in `specs.py` says which one each task uses, and
+`objectives.py` applies them to a batch. All take the head's raw output at the label resolution
+(`MultiScaleHead(..., output_size=label.shape[-2:])`).
 A batch with no valid pixel for a task gives a loss of 0 that still carries a gradient path, so that DDP and
 gradient accumulation see every parameter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import torch
 import torch.nn.functional as F
 
-from .specs import IGNORE_INDEX, get_task_spec
+from .labels import IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -73,64 +73,7 @@ def depth_l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (prediction[valid] - target[valid]).abs().mean()
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "cross_entropy": cross_entropy,
-    "balanced_bce": balanced_bce,
-    "normals_l1": normals_l1,
-    "depth_l1": depth_l1,
-}
-
-
-def build_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss of `task` as a function `(prediction, label) -> scalar`, with the task's ignore index and options."""
-    spec = get_task_spec(task)
-    fn = LOSSES[spec.loss]
-    kwargs = dict(spec.loss_kwargs)
-    if spec.ignore_index is not None:
-        kwargs["ignore_index"] = spec.ignore_index
-
-    def loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fn(prediction, target, **kwargs)
-
-    loss.__name__ = f"{task}_{spec.loss}"
-    return loss
-
-
-def task_loss(task: str, prediction: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Loss of `task` for the head output `prediction` against `batch[task]`; both must share their spatial size."""
-    if task not in batch:
-        raise KeyError(f"The batch has no label for task {task!r}; its keys are {sorted(batch)}.")
-    target = batch[task]
-    if tuple(prediction.shape[-2:]) != tuple(target.shape[-2:]):
-        raise ValueError(
-            f"Prediction for {task!r} is {tuple(prediction.shape[-2:])} but its label is {tuple(target.shape[-2:])}; "
-            "call the head with output_size=label.shape[-2:] so the logits are upsampled before the loss."
-        )
-    return build_loss(task)(prediction, target)
-
-
-def multitask_loss(
-    predictions: Mapping[str, torch.Tensor],
-    batch: Mapping[str, torch.Tensor],
-    weights: Mapping[str, float] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """
-    Weighted sum of the task losses over the tasks in `predictions`.
-
-    Returns `(total, per_task)` where `per_task` holds the unweighted, detached loss of each task for logging.
-    `weights` defaults to 1 per task; get a dataset's recipe from `specs.default_loss_weights`.
-    """
-    if weights is not None:
-        missing = [t for t in predictions if t not in weights]
-        if missing:
-            raise ValueError(f"No loss weight for tasks {missing}; weights has {sorted(weights)}.")
-    total = None
-    per_task = {}
-    for task, prediction in predictions.items():
-        value = task_loss(task, prediction, batch)
-        per_task[task] = value.detach()
-        weighted = value * (1.0 if weights is None else weights[task])
-        total = weighted if total is None else total + weighted
-    if total is None:
-        raise ValueError("predictions is empty: give at least one task's head output.")
-    return total, per_task
+def l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between `prediction [B, 1, H, W]` and `target [B, H, W]` over every pixel (0 is a value, not "invalid")."""
+    prediction = prediction.squeeze(1) if prediction.ndim == 4 else prediction
+    return (prediction - target).abs().mean()

@@ -1,71 +1,124 @@
-"""The task registry: what each dense-prediction task predicts, how it is trained and how it is scored.
+"""The task table: everything that differs between dense-prediction tasks, in one `TaskSpec` per task.
 
-Every other module of `peft_tglora.tasks` (heads, losses, metrics, data) reads its per-task facts from here, so adding
-a task means adding one `TaskSpec` and, if its loss or metric is new, one function in `losses.py` / `metrics/core.py`.
-Per-dataset facts (number of classes, default loss weights, default task list) live in `DATASETS`.
+How a task's label is decoded, how geometric transforms move its map, its loss, its metric, how a head's output becomes
+a prediction and a picture: all of it is read from `TASKS` by the rest of `peft_tglora.tasks`, so adding a task means
+adding one entry here (and a function in `labels.py`, `losses.py`, `metrics/core.py` or `outputs.py` only if none of
+the existing ones fits). Per-dataset facts (class counts, default loss weights, default task list) live in `DATASETS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from . import labels, losses, outputs
+from .labels import IGNORE_INDEX
+from .metrics.core import RMSE, MaxF, MeanAngularError, MeanIoU
 
 
-IGNORE_INDEX = 255
-"""Label value of pixels that carry no label in integer maps (semseg, human parts, saliency, edges)."""
+@dataclass(frozen=True)
+class MapRule:
+    """
+    How paired geometric transforms move one task's map, so that no map is left behind or blended wrongly.
+
+    Args:
+        interpolation (`str`): `"nearest"` (class ids, depth: never blend a label with its neighbour or an invalid 0),
+            `"bilinear"` (smooth maps), or `"normals"` (bilinear, re-normalised, invalid pixels kept invalid).
+        fill (`float`): Value of pixels a crop, pad or rotation brings in from outside the image.
+        mirror_x (`bool`): Negate channel 0 on a horizontal flip (the x component of surface normals).
+    """
+
+    interpolation: str
+    fill: float
+    mirror_x: bool = False
+
+
+CLASS_MAP = MapRule("nearest", IGNORE_INDEX)
+DEPTH_MAP = MapRule("nearest", 0.0)  # 0 = invalid depth
+SMOOTH_MAP = MapRule("bilinear", 0.0)
+NORMALS_MAP = MapRule("normals", 0.0, mirror_x=True)  # a zero vector = invalid normal
+IMAGE_MAP = MapRule("bilinear", 0.0)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     """
-    Static description of one dense-prediction task.
+    Everything task-specific about one dense-prediction task.
 
     Args:
-        name (`str`):
-            Task name, also the key of the task's label in a batch and of its head in a model.
-        kind (`str`):
-            `"classification"` (per-pixel class index, `long [B, H, W]` labels), `"binary"` (per-pixel probability,
-            `float [B, H, W]` labels in {0, 1} or `IGNORE_INDEX`), or `"regression"` (`float` labels, 0 = invalid).
-        num_outputs (`int`):
-            Channels the head predicts. For classification tasks this is a dataset property, so it is `0` here and
-            comes from `DatasetSpec.num_classes` (see `num_outputs_for`).
-        loss (`str`):
-            Name of the loss in `peft_tglora.tasks.losses.LOSSES`.
-        metric (`str`):
-            Primary metric key reported by the task's metric (the one Δm uses), e.g. `"mIoU"`.
-        higher_is_better (`bool`):
-            Whether a larger primary metric is better; Δm flips the sign of tasks where it is not.
-        metric_module (`str`):
-            Folder of the `evaluate` module under `peft_tglora/tasks/metrics/`.
-        ignore_index (`int` or `None`):
-            Label value ignored by loss and metric for integer / binary labels; `None` for regression tasks, which use
-            0 as "invalid" instead (a zero normal vector, or a zero depth).
-        loss_kwargs (`dict`):
-            Extra keyword arguments for the loss (e.g. the positive-class weight of the edge loss).
+        name (`str`): Task name, also the key of its label in a batch and of its head in a model.
+        kind (`str`): `"classification"` (long `[B, H, W]` class ids), `"binary"` (float `[B, H, W]` in {0, 1} with
+            `IGNORE_INDEX`) or `"regression"` (float maps).
+        num_outputs (`int`): Channels the head predicts; 0 for classification, whose class count is a dataset
+            property (`DatasetSpec.num_classes`, see `num_outputs_for`).
+        decode (`Callable[[np.ndarray, str], Tensor]`): Stored array → label tensor (`labels.py`).
+        suffixes (`tuple[str, ...]`): File suffixes of its labels in a local folder, searched in order; the first is
+            the one `save_multitask_folder` writes.
+        map_rule (`MapRule`): How resize, crop, flip and rotation move its map.
+        loss (`Callable[[Tensor, Tensor], Tensor]`): `(head output at label size, label) -> scalar` (`losses.py`).
+        metric (`str`): The primary metric key its meter reports (the one Δm uses).
+        higher_is_better (`bool`): Whether a larger primary metric is better; Δm flips the sign where it is not.
+        meter (`Callable[[int], meter]`): `num_outputs -> ` a streaming meter with `update(prediction, target)` and
+            `compute() -> dict` (`metrics/core.py`).
+        postprocess (`Callable[[Tensor], Tensor]`): Head output `[B, C, H, W]` → what the meter takes (`outputs.py`).
+        visualise (`Callable[[np.ndarray], np.ndarray]`): One prediction → an RGB uint8 picture (`outputs.py`).
     """
 
     name: str
     kind: str
     num_outputs: int
-    loss: str
+    decode: Callable
+    suffixes: tuple[str, ...]
+    map_rule: MapRule
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     metric: str
     higher_is_better: bool
-    metric_module: str
-    ignore_index: int | None = IGNORE_INDEX
-    loss_kwargs: dict = field(default_factory=dict)
+    meter: Callable[[int], object]
+    postprocess: Callable[[torch.Tensor], torch.Tensor]
+    visualise: Callable
 
 
 TASKS: dict[str, TaskSpec] = {
-    "semseg": TaskSpec("semseg", "classification", 0, "cross_entropy", "mIoU", True, "miou"),
-    "human_parts": TaskSpec("human_parts", "classification", 0, "cross_entropy", "mIoU", True, "miou"),
-    # MTI-Net / MTLoRA train saliency with a class-balanced BCE whose weight is the batch's background fraction
-    "saliency": TaskSpec("saliency", "binary", 1, "balanced_bce", "maxF", True, "max_f"),
-    "normals": TaskSpec(
-        "normals", "regression", 3, "normals_l1", "mean_angular_error", False, "mean_angular_error", None
+    "semseg": TaskSpec(
+        "semseg", "classification", 0, labels.decode_class_map, (".png",), CLASS_MAP,
+        losses.cross_entropy, "mIoU", True, MeanIoU, outputs.class_ids, outputs.colour_classes,
     ),
-    "depth": TaskSpec("depth", "regression", 1, "depth_l1", "rmse", False, "rmse", None),
-    # edges are rare (~5% of pixels): MTI-Net weights positives by 0.95 and negatives by 0.05
-    "edges": TaskSpec("edges", "binary", 1, "balanced_bce", "maxF", True, "max_f", loss_kwargs={"pos_weight": 0.95}),
-}
+    "human_parts": TaskSpec(
+        "human_parts", "classification", 0, labels.decode_class_map, (".png",), CLASS_MAP,
+        losses.cross_entropy, "mIoU", True, MeanIoU, outputs.class_ids, outputs.colour_classes,
+    ),
+    # MTI-Net / MTLoRA train saliency with a class-balanced BCE whose weight is the batch's background fraction, and
+    # score it with maxF at beta^2 = 0.3
+    "saliency": TaskSpec(
+        "saliency", "binary", 1, labels.decode_binary_map, (".png",), CLASS_MAP,
+        losses.balanced_bce, "maxF", True, lambda _: MaxF(beta_squared=0.3), outputs.probabilities, outputs.grey,
+    ),
+    "normals": TaskSpec(
+        "normals", "regression", 3, labels.decode_normals, (".npy", ".png"), NORMALS_MAP,
+        losses.normals_l1, "mean_angular_error", False, lambda _: MeanAngularError(), outputs.unit_vectors,
+        outputs.colour_normals,
+    ),
+    "depth": TaskSpec(
+        "depth", "regression", 1, labels.decode_depth, (".npy", ".png"), DEPTH_MAP,
+        losses.depth_l1, "rmse", False, lambda _: RMSE(), outputs.scalar_map, outputs.grey_near_bright,
+    ),
+    # edges are rare (~5% of PASCAL's pixels): MTI-Net weights positives by 0.95 and negatives by 0.05; maxF at
+    # beta^2 = 1 is a pixel-exact proxy of the published ODS-F
+    "edges": TaskSpec(
+        "edges", "binary", 1, labels.decode_binary_map, (".png", ".npy"), CLASS_MAP,
+        partial(losses.balanced_bce, pos_weight=0.95), "maxF", True, lambda _: MaxF(beta_squared=1.0),
+        outputs.probabilities, outputs.grey,
+    ),
+    # Taskonomy's edge_texture (Sobel magnitude of the blurred grey image): every pixel is valid and 5 % of
+    # camvid_mt's targets are exactly 0, so loss and RMSE run over all pixels, unlike depth's
+    "edge_texture": TaskSpec(
+        "edge_texture", "regression", 1, labels.decode_edge_texture, (".npy", ".png"), SMOOTH_MAP,
+        losses.l1, "rmse", False, lambda _: RMSE(zero_is_invalid=False), outputs.scalar_map, outputs.grey_stretched,
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,6 +157,16 @@ DATASETS: dict[str, DatasetSpec] = {
         ("semseg", "depth", "normals", "edges"),
         {"semseg": 40},
         {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edges": 50.0},
+    ),
+    # camvid_mt (shared/data/camvid_mt/README.md): CamVid street frames at 160x120, 11 classes, 367 train / 101 val.
+    # Weights put the losses at initialisation on one scale (computed by hand from the folder's stats_train.json):
+    # CE over 11 classes ≈ ln 11 = 2.4; edges' BCE at logit 0 ≈ 0.69 (0.95 · 0.13 + 0.05 · 0.87) = 0.12 → x20;
+    # saliency's balanced BCE ≈ 0.69 · 2 · 0.068 · 0.932 = 0.088 → x25; edge_texture's L1 at 0 = its mean 0.0139 → x170.
+    "camvid": DatasetSpec(
+        "camvid",
+        ("semseg", "edges", "saliency", "edge_texture"),
+        {"semseg": 11},
+        {"semseg": 1.0, "edges": 20.0, "saliency": 25.0, "edge_texture": 170.0},
     ),
     # Made by `make_synthetic_multitask`; small class counts keep tiny test models fast.
     "synthetic": DatasetSpec(

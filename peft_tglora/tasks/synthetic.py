@@ -86,7 +86,7 @@ def make_synthetic_multitask(
     A `datasets.Dataset` of `num_images` synthetic scenes with an `"image"` column and one column per task in `tasks`.
 
     Defaults match `specs.DATASETS["synthetic"]` (4 semseg classes, 4 human-part labels including background). The
-    same `seed` gives the same rows. Saliency and edges are stored as 0 / 255 PNGs, as the real data sets store them.
+    same `seed` gives the same rows. Saliency and edges are stored as 0 / 1 PNGs, the project's binary encoding (docs/TASKS.md).
     """
     import datasets  # optional dependency of the `train` extra
     from PIL import Image
@@ -109,8 +109,6 @@ def make_synthetic_multitask(
         rows["image"].append(Image.fromarray(scene["image"]))
         for task in tasks:
             value = scene[task]
-            if task in ("saliency", "edges"):
-                value = value * 255
             rows[task].append(Image.fromarray(value) if value.dtype == np.uint8 else value)
     features = {"image": datasets.Image()}
     for task in tasks:

@@ -1,11 +1,9 @@
-"""
-Paired transforms for an image and all of its dense labels, in torch only.
+"""Paired transforms for an image and all of its dense labels, in torch only.
 
-A sample is a dict: `"image"` float `[3, H, W]` in [0, 1], and one label per task in the formats of `data.py`
-(`semseg` / `human_parts` long `[H, W]` with 255 ignore, `saliency` / `edges` float `[H, W]` with 255 ignore,
-`normals` float `[3, H, W]` unit vectors with zeros where invalid, `depth` float `[H, W]` with 0 invalid). Other
-keys pass through untouched. Every geometric transform applies the same window / flip to every map, so labels stay
-aligned with pixels; `Normalize` finally turns `"image"` into `"pixel_values"`.
+A sample is a dict: `"image"` float `[3, H, W]` in [0, 1], and one label per task in the formats of `labels.py`.
+Every geometric transform applies the same window / flip to every map, each moved by its task's `MapRule` from the
+task table, so labels stay aligned with pixels. Any other tensor of the image's size is refused rather than left
+behind misaligned; keys of other sizes (ids, scalars) pass through. `Normalize` turns `"image"` into `"pixel_values"`.
 
 Randomness: each random transform draws from the `generator` passed to `Compose.__call__` (or the one `Compose` was
 built with from `seed`), so a seeded pipeline repeats exactly; without one it uses torch's global RNG, which
@@ -19,17 +17,31 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .specs import IGNORE_INDEX
+from .specs import IMAGE_MAP, TASKS, MapRule
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_CLASS_MAPS = ("semseg", "human_parts", "saliency", "edges")  # resized nearest, padded with IGNORE_INDEX
-
 
 def _size(sample: dict) -> tuple[int, int]:
     return tuple(sample["image"].shape[-2:])
+
+
+def _maps(sample: dict) -> list[tuple[str, torch.Tensor, MapRule]]:
+    """`(key, map, rule)` for the image and every task map; a same-size tensor with no rule is an error."""
+    size, found = _size(sample), []
+    for key, x in sample.items():
+        if key == "image":
+            found.append((key, x, IMAGE_MAP))
+        elif key in TASKS:
+            found.append((key, x, TASKS[key].map_rule))
+        elif torch.is_tensor(x) and x.ndim >= 2 and tuple(x.shape[-2:]) == size:
+            raise ValueError(
+                f"The sample's {key!r} is a {tuple(x.shape)} map but no task of that name is in the task table "
+                f"(known: {sorted(TASKS)}), so transforms would leave it misaligned; add a TaskSpec for it."
+            )
+    return found
 
 
 def _resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -44,9 +56,9 @@ def _resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
 
 class Resize:
     """
-    Resize every map to `size = (H, W)`: bilinear for the image, nearest for class maps and depth (so no label is
-    blended with its neighbour or with an invalid 0), and bilinear for normals, re-normalised to unit length, with
-    the nearest-resized validity mask so that invalid pixels stay zero.
+    Resize every map to `size = (H, W)` by its rule: bilinear for the image and smooth maps, nearest for class maps
+    and depth (so no label is blended with its neighbour or with an invalid 0), and bilinear for normals, re-normalised
+    to unit length, with the nearest-resized validity mask so that invalid pixels stay zero.
     """
 
     def __init__(self, size: int | Sequence[int]):
@@ -54,23 +66,24 @@ class Resize:
 
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
         out = dict(sample)
-        for key, x in sample.items():
-            if torch.is_tensor(x) and tuple(x.shape[-2:]) == self.size:
+        for key, x, rule in _maps(sample):
+            if tuple(x.shape[-2:]) == self.size:
                 continue  # already the size: interpolating would only cost time (and blur normals' norms)
-            if key == "image":
-                out[key] = _resize_map(x, self.size, "bilinear").clamp(0.0, 1.0)
-            elif key == "normals":
+            if rule.interpolation == "normals":
                 valid = _resize_map((x.abs().sum(0) > 0).float(), self.size, "nearest") > 0
                 out[key] = F.normalize(_resize_map(x, self.size, "bilinear"), dim=0) * valid
-            elif key in _CLASS_MAPS or key == "depth":
-                out[key] = _resize_map(x, self.size, "nearest")
+            else:
+                out[key] = _resize_map(x, self.size, rule.interpolation)
+                if key == "image":
+                    out[key] = out[key].clamp(0.0, 1.0)
         return out
 
 
 class RandomCrop:
     """
     Crop the same random `size = (H, W)` window out of every map. Maps smaller than the window are first padded at the
-    bottom / right: the image with 0, class maps with 255 (ignored), normals and depth with 0 (invalid).
+    bottom / right with their rule's fill: the image with 0, class maps with 255 (ignored), normals and depth with 0
+    (invalid).
     """
 
     def __init__(self, size: int | Sequence[int]):
@@ -83,17 +96,15 @@ class RandomCrop:
         top = int(torch.randint(0, max(h + ph - th, 0) + 1, (1,), generator=generator))
         left = int(torch.randint(0, max(w + pw - tw, 0) + 1, (1,), generator=generator))
         out = dict(sample)
-        for key, x in sample.items():
-            if not (key == "image" or key == "normals" or key == "depth" or key in _CLASS_MAPS):
-                continue
+        for key, x, rule in _maps(sample):
             if ph or pw:
-                x = F.pad(x, (0, pw, 0, ph), value=IGNORE_INDEX if key in _CLASS_MAPS else 0)
+                x = F.pad(x, (0, pw, 0, ph), value=rule.fill)
             out[key] = x[..., top : top + th, left : left + tw]
         return out
 
 
 class RandomHorizontalFlip:
-    """Flip every map left-right with probability `p`; the x component of normals changes sign, as its axis does."""
+    """Flip every map left-right with probability `p`; maps whose rule says `mirror_x` (normals) negate channel 0."""
 
     def __init__(self, p: float = 0.5):
         if not 0.0 <= p <= 1.0:
@@ -104,13 +115,12 @@ class RandomHorizontalFlip:
         if float(torch.rand((), generator=generator)) >= self.p:
             return dict(sample)
         out = dict(sample)
-        for key, x in sample.items():
-            if key == "image" or key == "depth" or key in _CLASS_MAPS:
-                out[key] = x.flip(-1)
-            elif key == "normals":
-                x = x.flip(-1).clone()
+        for key, x, rule in _maps(sample):
+            x = x.flip(-1)
+            if rule.mirror_x:
+                x = x.clone()
                 x[0] = -x[0]
-                out[key] = x
+            out[key] = x
         return out
 
 

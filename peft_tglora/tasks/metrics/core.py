@@ -131,13 +131,16 @@ def mean_angular_error(prediction, target) -> float:
 
 
 # ---------------------------------------------------------------- depth
-def squared_error_sum(prediction, target) -> tuple[float, int]:
-    """Sum of squared errors and count over pixels with label depth > 0; prediction `[B, 1, H, W]` is squeezed."""
+def squared_error_sum(prediction, target, zero_is_invalid: bool = True) -> tuple[float, int]:
+    """
+    Sum of squared errors and count over pixels with label > 0 (depth), or over all pixels when `zero_is_invalid` is
+    False (maps where 0 is a real value, e.g. edge_texture); prediction `[B, 1, H, W]` is squeezed.
+    """
     prediction, target = _as_numpy(prediction).astype(np.float64), _as_numpy(target).astype(np.float64)
     if prediction.ndim == target.ndim + 1 and prediction.shape[-3] == 1:
         prediction = prediction.squeeze(-3)
     _check_same_shape(prediction, target, "rmse")
-    valid = target > 0
+    valid = target > 0 if zero_is_invalid else np.ones(target.shape, dtype=bool)
     return float(((prediction[valid] - target[valid]) ** 2).sum()), int(valid.sum())
 
 
@@ -205,13 +208,14 @@ class MeanAngularError:
 
 
 class RMSE:
-    """Streaming depth RMSE over valid pixels (label > 0)."""
+    """Streaming RMSE over valid pixels (label > 0, as for depth), or over all pixels with `zero_is_invalid=False`."""
 
-    def __init__(self):
+    def __init__(self, zero_is_invalid: bool = True):
         self.total, self.count = 0.0, 0
+        self.zero_is_invalid = zero_is_invalid
 
     def update(self, prediction, target) -> None:
-        total, count = squared_error_sum(prediction, target)
+        total, count = squared_error_sum(prediction, target, self.zero_is_invalid)
         self.total += total
         self.count += count
 
