@@ -18,13 +18,6 @@ from peft_tglora.tasks import decode_image, eval_transforms, get_task_spec, make
 from peft_tglora.training import load_multitask_model
 
 
-PALETTE = np.array(  # 21 distinct colours (PASCAL VOC's), repeated for larger class counts
-    [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128], [128, 128, 128],
-     [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128], [64, 128, 128],
-     [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0], [128, 192, 0], [0, 64, 128]], dtype=np.uint8,
-)  # fmt: skip
-
-
 def load_images(args):
     """`(stem, float [3, H, W] in [0, 1])` for each --images file, or synthetic scenes with --synthetic N."""
     if args.synthetic:
@@ -34,17 +27,8 @@ def load_images(args):
 
 
 def to_image(task, prediction):
-    """A postprocessed prediction of one image → a PIL image."""
-    x = prediction.float().cpu().numpy()
-    kind = get_task_spec(task).kind
-    if kind == "classification":
-        return Image.fromarray(PALETTE[x.astype(np.int64) % len(PALETTE)])
-    if task == "normals":
-        return Image.fromarray(((x.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8))
-    if kind == "regression":  # depth: near is bright, scaled per image
-        lo, hi = x.min(), x.max()
-        x = (hi - x) / (hi - lo) if hi > lo else np.zeros_like(x)
-    return Image.fromarray((x * 255).clip(0, 255).astype(np.uint8))  # probabilities
+    """A postprocessed prediction of one image → a PIL image, coloured by the task table's rule."""
+    return Image.fromarray(get_task_spec(task).visualise(prediction.float().cpu().numpy()))
 
 
 def side_by_side(images):
