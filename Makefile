@@ -6,11 +6,11 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install test quality style demo bench
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]"  # editable, as PEFT's dev set-up
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,6 +1,10 @@
 """The PEFT glue: a `PeftType` member added without editing PEFT, registered once however often it runs."""
 
 import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -30,8 +34,25 @@ def test_registering_twice_is_harmless():
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.TGLORA].__name__ == "TGLoraModel"
 
 
-def test_load_weights_explanation_wraps_once():
-    peft_tglora._registration._explain_unreadable_weights()
-    wrapped = peft.peft_model.load_peft_weights
-    assert wrapped._explains_unreadable_weights
-    assert not getattr(wrapped.__wrapped__, "_explains_unreadable_weights", False)
+def test_peft_weight_loader_is_peft_own():
+    # PEFT's loader is left alone for every method: a corrupt file raises safetensors' own error
+    from peft.utils.save_and_load import load_peft_weights
+
+    assert peft.peft_model.load_peft_weights is load_peft_weights
+
+
+def test_without_the_import_peft_knows_nothing_of_tglora(tmp_path):
+    # no start-up hook: a fresh `import peft` loads none of our code, and loading a TGLoRA adapter fails with the
+    # `KeyError: 'TGLORA'` that README.md documents ("Loading a saved adapter")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "TGLORA", "tasks": ["a", "b"]}))
+    code = (
+        "import sys, peft\n"
+        "ours = [m for m in sys.modules if m.split('.')[0] in ('peft_tglora', '_peft_tglora_autoload')]\n"
+        "assert not ours, ours\n"
+        f"peft.PeftConfig.from_pretrained({str(tmp_path)!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "KeyError: 'TGLORA'", proc.stderr[-2000:]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "KeyError: 'TGLORA'" in readme and "import peft_tglora" in readme

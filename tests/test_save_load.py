@@ -2,7 +2,6 @@
 
 import json
 import os
-import site
 import subprocess
 import sys
 from pathlib import Path
@@ -90,35 +89,6 @@ def test_load_in_fresh_process_from_hub_cache_offline(saved, tmp_path):
     (hub / "models--user--swin-tglora" / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     assert_same(run_fresh("user/swin-tglora", tmp_path / "out.pt", env=env), expected)
-
-
-PTH_INSTALLED = any((Path(p) / "peft_tglora.pth").exists() for p in site.getsitepackages())
-needs_pth = pytest.mark.skipif(
-    not PTH_INSTALLED, reason="peft_tglora.pth is installed by `pip install .`, not by an editable install"
-)
-
-
-@needs_pth
-def test_fresh_process_loads_without_import(saved, tmp_path):
-    path, expected = saved
-    code = LOAD_AND_RUN.replace("import peft_tglora\n", "")
-    assert "peft_tglora" not in code.replace("PeftModel", "")
-    script = code.format(tests=str(TESTS), source=str(path), result=str(tmp_path / "out.pt"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same(torch.load(tmp_path / "out.pt"), expected)
-
-
-@needs_pth
-def test_without_import_and_autoload_off_the_error_says_to_import(saved):
-    path, _ = saved
-    code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(path)!r})"
-    env = {**os.environ, "PEFT_TGLORA_NO_AUTOLOAD": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, timeout=120
-    )
-    assert proc.returncode != 0
-    assert "run `import peft_tglora`" in proc.stderr
 
 
 def test_push_to_hub_uploads_the_adapter(saved, monkeypatch):
