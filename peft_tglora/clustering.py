@@ -1,6 +1,8 @@
-"""Task trees from a task-similarity matrix: agglomerative clustering cut once per stage.
+"""Task similarities as data (`TaskSimilarity`, its JSON) and the task trees cut from them by agglomerative clustering.
 
-Numpy only, so that ``TGLoraConfig`` can build a tree from a similarity file without importing torch-heavy code.
+Numpy only, so that ``TGLoraConfig`` can build a tree from a similarity file without importing the torch-heavy
+gradient tool (`peft_tglora.similarity`, which computes a `TaskSimilarity`); matplotlib is imported inside
+`plot_similarity` only.
 A tree is one partition of the tasks per stage; every stage's groups split the previous stage's groups. Cutting one
 dendrogram at a non-decreasing number of clusters gives that refinement by construction, so nothing needs repairing.
 """
@@ -8,22 +10,111 @@ dendrogram at a non-decreasing number of clusters gives that refinement by const
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 
 __all__ = [
+    "TaskSimilarity",
     "build_task_tree",
     "cut_tree",
     "dendrogram_layout",
     "linkage_matrix",
+    "plot_similarity",
     "similarity_inputs",
     "validate_groups_per_stage",
 ]
 
 LINKAGES = ("average", "complete", "single")
+
+
+@dataclass
+class TaskSimilarity:
+    """Result of `compute_task_similarity`; ``matrix[i, j]`` compares ``tasks[i]`` and ``tasks[j]``.
+
+    Args:
+        tasks: task names, the row and column order of ``matrix``.
+        matrix: ``[T, T]`` similarities in [-1, 1], symmetric, diagonal 1.
+        num_batches: batches each task contributed (summed over processes).
+        wrt: which parameters the gradients were taken for (``"backbone"``, ``"adapters"`` or ``"explicit"``).
+        num_parameters: length of the flattened gradient before any projection.
+        projection_dim: length after the seeded random projection, or ``None`` when gradients were not projected.
+        seed: seed of the run (projection, head warm-up, dataloader shuffling through the global generator).
+        head_warmup_steps: optimiser steps the heads got on frozen features before gradients were taken.
+        within_task: per task, the mean cosine between gradients of two different batches (``None`` with one batch).
+        half_matrices: ``[2, T, T]``, the similarity from the even and from the odd batches alone (``None`` when a task
+            had fewer than 2 batches). Trees cut from the two should agree when the similarity is above its noise.
+        half_cosine: ``[T, T]``, cosine between task i's mean unit gradient over the even batches and task j's over the
+            odd ones, symmetrised. Its diagonal is within-task consistency; off the diagonal, the between-task value
+            on the same footing. Off-diagonal values close to the diagonal mean the tasks cannot be told apart.
+        stability: a JSON dict written by `peft_tglora.tasks.grouping.group_tasks` (partitions per seed and per half).
+    """
+
+    tasks: list[str]
+    matrix: np.ndarray
+    num_batches: list[int] = field(default_factory=list)
+    wrt: str = "backbone"
+    num_parameters: int | None = None
+    projection_dim: int | None = None
+    seed: int = 0
+    head_warmup_steps: int = 0
+    within_task: list[float | None] = field(default_factory=list)
+    half_matrices: np.ndarray | None = None
+    half_cosine: np.ndarray | None = None
+    stability: dict | None = None
+
+    _ARRAYS = ("matrix", "half_matrices", "half_cosine")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in self._ARRAYS:
+            if out[key] is not None:
+                out[key] = np.asarray(out[key], dtype=np.float64).tolist()
+        return out
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write ``{"tasks": [...], "matrix": [[...]], ...}``, the file ``TGLoraConfig(similarity_file=...)`` reads."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TaskSimilarity:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or "tasks" not in data or "matrix" not in data:
+            raise ValueError(f"{path} is not a task-similarity file: it needs the keys 'tasks' and 'matrix'.")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}  # newer files may carry more keys
+        for key in cls._ARRAYS:
+            if known.get(key) is not None:
+                known[key] = np.asarray(known[key], dtype=np.float64)
+        return cls(**known)
+
+    def plot(
+        self,
+        path: str | Path,
+        *,
+        linkage: str = "average",
+        title: str | None = None,
+        groups_per_stage: list[int] | None = None,
+    ) -> Path:
+        """Save a heatmap (tasks in dendrogram order, names on both axes) under the dendrogram that trees are cut from.
+
+        With ``groups_per_stage``, each stage's cut is drawn on the dendrogram and its groups are boxed on the heatmap.
+        """
+        return plot_similarity(
+            self.tasks,
+            self.matrix,
+            path,
+            linkage=linkage,
+            title=title or f"Task similarity (gradients w.r.t. {self.wrt})",
+            groups_per_stage=groups_per_stage,
+        )
 
 
 def validate_groups_per_stage(counts: Sequence[int], num_tasks: int) -> list[int]:
@@ -217,3 +308,74 @@ def dendrogram_layout(link: np.ndarray) -> tuple[list[int], list[tuple[list[floa
         segments.append(([x[a], x[a], x[b], x[b]], [y[a], height, height, y[b]]))
         x[num + i], y[num + i] = (x[a] + x[b]) / 2, height
     return order, segments
+
+
+def plot_similarity(
+    tasks: Sequence[str],
+    matrix,
+    path,
+    *,
+    linkage: str = "average",
+    title: str = "Task similarity",
+    groups_per_stage: Sequence[int] | None = None,
+):
+    """Save a heatmap (tasks in dendrogram order) under the dendrogram; with ``groups_per_stage``, draw each cut.
+
+    A stage with k groups cuts the dendrogram between its (T-k)-th and (T-k+1)-th merge: a dashed line there, and
+    boxes around that stage's groups on the heatmap (the dendrogram order keeps every group contiguous).
+    """
+    from matplotlib.figure import Figure  # lazy: plotting is optional, and Figure needs no global backend
+    from matplotlib.patches import Rectangle
+
+    names, matrix = list(tasks), np.asarray(matrix, dtype=np.float64)
+    num = len(names)
+    link = linkage_matrix(matrix, linkage)
+    order, segments = dendrogram_layout(link)
+    size = 2.5 + 0.6 * num
+    fig = Figure(figsize=(size, size * 1.35), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[1, 3])
+    for seg_x, seg_y in segments:
+        top.plot(seg_x, seg_y, color="black", linewidth=1)
+    top.set_xlim(-0.5, num - 0.5)
+    top.set_xticks([])
+    top.set_ylabel(f"1 - similarity ({linkage})")
+    top.set_title(title)
+    ordered = matrix[np.ix_(order, order)]
+    image = bottom.imshow(ordered, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")  # auto: columns under leaves
+    bottom.set_xticks(range(num), [names[i] for i in order], rotation=45, ha="right")
+    bottom.set_yticks(range(num), [names[i] for i in order])
+    for (r, c), value in np.ndenumerate(ordered):
+        color = "white" if abs(value) > 0.6 else "black"
+        bottom.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    if groups_per_stage is not None:
+        counts = validate_groups_per_stage(groups_per_stage, num)
+        heights = [0.0, *link[:, 2].tolist()]  # merge heights; the cut for k groups lies above the first T-k merges
+        top_height = heights[-1] if num > 1 else 1.0
+        stages_of = {k: [s for s, c in enumerate(counts) if c == k] for k in dict.fromkeys(counts)}
+        for rank, (k, stages) in enumerate(stages_of.items()):
+            low = heights[num - k]
+            high = heights[num - k + 1] if k > 1 else top_height * 1.1 + 0.05
+            y = (low + high) / 2
+            color = f"C{rank}"
+            label = f"stage{'s' * (len(stages) > 1)} {','.join(map(str, stages))}: {k} group{'s' * (k > 1)}"
+            top.axhline(y, color=color, linestyle="--", linewidth=1)
+            top.text(num - 0.5, y, label, color=color, fontsize=7, ha="right", va="bottom")
+            position = {task: i for i, task in enumerate(order)}
+            for group in cut_tree(link, k):
+                first = min(position[i] for i in group)  # the group's columns are contiguous in dendrogram order
+                inset = 0.04 * rank
+                box = Rectangle(
+                    (first - 0.5 + inset, first - 0.5 + inset),
+                    len(group) - 2 * inset,
+                    len(group) - 2 * inset,
+                    fill=False,
+                    edgecolor=color,
+                    linewidth=1.5,
+                )
+                bottom.add_patch(box)
+        top.set_ylim(0, top_height * 1.2 + 0.05)
+    fig.colorbar(image, ax=[top, bottom], shrink=0.6)  # on both axes, so they keep equal widths
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

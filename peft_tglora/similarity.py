@@ -7,26 +7,26 @@ and the mean of cosines over all pairs equals the dot product of the two tasks' 
 running sum of unit vectors per task (memory: T flat vectors), and one matrix product compares all tasks at the end.
 The diagonal is set to 1, the paper's S(g, g) = 1; the mean cosine between different batches of the same task (how
 consistent a task's gradients are) is kept separately as ``within_task``.
+
+To tell a similarity from noise, the sums are kept for the even and the odd batches apart (two disjoint halves): each
+half gives its own matrix (``half_matrices``), and the cosine between a task's mean unit gradient on one half and a
+task's on the other (``half_cosine``) puts within-task consistency (its diagonal) next to between-task similarity.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .clustering import dendrogram_layout, linkage_matrix
+from .clustering import TaskSimilarity
 
 
 __all__ = ["TaskSimilarity", "compute_task_similarity", "shared_parameters"]
@@ -34,83 +34,6 @@ __all__ = ["TaskSimilarity", "compute_task_similarity", "shared_parameters"]
 logger = logging.getLogger(__name__)
 
 FeaturesFn = Callable[[nn.Module, torch.Tensor], Mapping[str, object]]
-
-
-@dataclass
-class TaskSimilarity:
-    """Result of `compute_task_similarity`; ``matrix[i, j]`` compares ``tasks[i]`` and ``tasks[j]``.
-
-    Args:
-        tasks: task names, the row and column order of ``matrix``.
-        matrix: ``[T, T]`` similarities in [-1, 1], symmetric, diagonal 1.
-        num_batches: batches each task contributed (summed over processes).
-        wrt: which parameters the gradients were taken for (``"backbone"``, ``"adapters"`` or ``"explicit"``).
-        num_parameters: length of the flattened gradient before any projection.
-        projection_dim: length after the seeded random projection, or ``None`` when gradients were not projected.
-        seed: seed of the run (projection, head warm-up, dataloader shuffling through the global generator).
-        head_warmup_steps: optimiser steps the heads got on frozen features before gradients were taken.
-        within_task: per task, the mean cosine between gradients of two different batches (``None`` with one batch).
-    """
-
-    tasks: list[str]
-    matrix: np.ndarray
-    num_batches: list[int] = field(default_factory=list)
-    wrt: str = "backbone"
-    num_parameters: int | None = None
-    projection_dim: int | None = None
-    seed: int = 0
-    head_warmup_steps: int = 0
-    within_task: list[float | None] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["matrix"] = np.asarray(self.matrix, dtype=np.float64).tolist()
-        return out
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write ``{"tasks": [...], "matrix": [[...]], ...}``, the file ``TGLoraConfig(similarity_file=...)`` reads."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> TaskSimilarity:
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or "tasks" not in data or "matrix" not in data:
-            raise ValueError(f"{path} is not a task-similarity file: it needs the keys 'tasks' and 'matrix'.")
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}  # newer files may carry more keys
-        known["matrix"] = np.asarray(known["matrix"], dtype=np.float64)
-        return cls(**known)
-
-    def plot(self, path: str | Path, *, linkage: str = "average", title: str | None = None) -> Path:
-        """Save a heatmap (tasks in dendrogram order, names on both axes) under the dendrogram that trees are cut from."""
-        from matplotlib.figure import Figure  # lazy: plotting is optional, and Figure needs no global backend
-
-        names, matrix = list(self.tasks), np.asarray(self.matrix, dtype=np.float64)
-        link = linkage_matrix(matrix, linkage)
-        order, segments = dendrogram_layout(link)
-        size = 2.5 + 0.6 * len(names)
-        fig = Figure(figsize=(size, size * 1.35), layout="constrained")
-        top, bottom = fig.subplots(2, 1, height_ratios=[1, 3])
-        for seg_x, seg_y in segments:
-            top.plot(seg_x, seg_y, color="black", linewidth=1)
-        top.set_xlim(-0.5, len(names) - 0.5)
-        top.set_xticks([])
-        top.set_ylabel(f"1 - similarity ({linkage})")
-        top.set_title(title or f"Task similarity (gradients w.r.t. {self.wrt})")
-        ordered = matrix[np.ix_(order, order)]
-        image = bottom.imshow(ordered, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")  # auto: columns under leaves
-        bottom.set_xticks(range(len(names)), [names[i] for i in order], rotation=45, ha="right")
-        bottom.set_yticks(range(len(names)), [names[i] for i in order])
-        for (r, c), value in np.ndenumerate(ordered):
-            color = "white" if abs(value) > 0.6 else "black"
-            bottom.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
-        fig.colorbar(image, ax=[top, bottom], shrink=0.6)  # on both axes, so they keep equal widths
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        return path
 
 
 def shared_parameters(backbone: nn.Module, wrt: str | Iterable[torch.Tensor] = "backbone") -> list[torch.Tensor]:
@@ -304,8 +227,9 @@ def compute_task_similarity(
         project = _SignedBucketProjection(num_params, projection_dim, seed, device)
     dim = project.dim_out if project is not None else num_params
 
-    sums = torch.zeros(len(tasks), dim, device=device)  # running sums of unit gradient vectors, one row per task
-    counts = torch.zeros(len(tasks), device=device)
+    # running sums of unit gradient vectors per task, for the even and the odd batches apart (two disjoint halves)
+    sums = torch.zeros(2, len(tasks), dim, device=device)
+    counts = torch.zeros(2, len(tasks), device=device)
     norms = torch.zeros(len(tasks), num_batches, device=device)  # checked once at the end: no sync per batch
     loss_values = torch.zeros(len(tasks), num_batches, device=device)
     was_training, saved_flags = backbone.training, [p.requires_grad for p in params]
@@ -338,20 +262,28 @@ def compute_task_similarity(
                                 flat = torch.zeros(num_params, device=device)
                             flat = project(flat) if project is not None else flat
                             norms[i, b], loss_values[i, b] = flat.norm(), loss.detach()
-                            sums[i] += flat / norms[i, b].clamp_min(torch.finfo(flat.dtype).tiny)
-                            counts[i] += 1
+                            sums[b % 2, i] += flat / norms[i, b].clamp_min(torch.finfo(flat.dtype).tiny)
+                            counts[b % 2, i] += 1
                         bar.update()
     finally:
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
         backbone.train(was_training)
 
-    local_bad = (~torch.isfinite(norms) | (norms == 0)) & (torch.arange(num_batches, device=device) < counts[:, None])
-    packed = torch.cat([sums, counts[:, None], local_bad.sum(1, keepdim=True).float()], dim=1)
+    local_counts = counts.sum(0)
+    local_bad = (~torch.isfinite(norms) | (norms == 0)) & (
+        torch.arange(num_batches, device=device) < local_counts[:, None]
+    )
+    packed = torch.cat([sums[0], sums[1], counts.T, local_bad.sum(1, keepdim=True).float()], dim=1)
     packed = _reduce_sum(packed, accelerator)  # every process gets the global sums
-    sums, counts, bad = packed[:, :dim], packed[:, dim], packed[:, dim + 1]
+    sums, counts, bad = (
+        torch.stack([packed[:, :dim], packed[:, dim : 2 * dim]]),
+        packed[:, 2 * dim : 2 * dim + 2].T,
+        packed[:, -1],
+    )
+    total, n = sums.sum(0), counts.sum(0)
     for i, task in enumerate(tasks):
-        if counts[i] == 0:
+        if n[i] == 0:
             raise ValueError(
                 f"Task {task!r} has no data: its dataloader yielded no batch. Give it a non-empty loader."
             )
@@ -366,25 +298,38 @@ def compute_task_similarity(
                 f"Task {task!r} gave a NaN/inf or all-zero gradient w.r.t. the shared parameters at {at}. Check its "
                 "loss and labels for NaN, and that its head uses features that depend on the `wrt` parameters."
             )
-        if counts[i] < num_batches * num_processes:
-            logger.warning("Task %r had only %d batches (asked for %d per process).", task, counts[i], num_batches)
-    means = (sums / counts[:, None]).double()
-    matrix = (means @ means.T).clamp(-1.0, 1.0)
-    matrix = (matrix + matrix.T) / 2  # exact symmetry despite float rounding
-    matrix.fill_diagonal_(1.0)  # S(g, g) = 1 by definition
+        if n[i] < num_batches * num_processes:
+            logger.warning("Task %r had only %d batches (asked for %d per process).", task, n[i], num_batches)
+    matrix = _similarity(total.double() / n[:, None].double())
     # mean cosine over ordered pairs of different batches: (|sum of units|^2 - n) / (n (n - 1))
-    within = ((sums.double() ** 2).sum(1) - counts) / (counts * (counts - 1))
+    within = ((total.double() ** 2).sum(1) - n) / (n * (n - 1))
+    half_matrices = half_cosine = None
+    if bool((counts > 0).all()):
+        half_means = sums.double() / counts[..., None].double()
+        half_matrices = torch.stack([_similarity(m) for m in half_means]).cpu().numpy()
+        units = half_means / half_means.norm(dim=2, keepdim=True)  # no zero norms: every gradient was checked above
+        cross = units[0] @ units[1].T
+        half_cosine = ((cross + cross.T) / 2).cpu().numpy()
     return TaskSimilarity(
         tasks=tasks,
         matrix=matrix.cpu().numpy(),
-        num_batches=[int(c) for c in counts.tolist()],
+        num_batches=[int(c) for c in n.tolist()],
         wrt=wrt if isinstance(wrt, str) else "explicit",
         num_parameters=num_params,
         projection_dim=dim if project is not None else None,
         seed=seed,
         head_warmup_steps=head_warmup_steps,
-        within_task=[w if n > 1 else None for w, n in zip(within.tolist(), counts.tolist())],
+        within_task=[w if c > 1 else None for w, c in zip(within.tolist(), n.tolist())],
+        half_matrices=half_matrices,
+        half_cosine=half_cosine,
     )
+
+
+def _similarity(means: torch.Tensor) -> torch.Tensor:
+    """The paper's matrix from each task's mean unit gradient (rows of ``means``): symmetric, in [-1, 1], diagonal 1."""
+    matrix = (means @ means.T).clamp(-1.0, 1.0)
+    matrix = (matrix + matrix.T) / 2  # exact symmetry despite float rounding
+    return matrix.fill_diagonal_(1.0)  # S(g, g) = 1 by definition
 
 
 def _process_info(accelerator) -> tuple[int, bool]:
@@ -396,7 +341,5 @@ def _process_info(accelerator) -> tuple[int, bool]:
     return 1, True
 
 
-if __name__ == "__main__":  # python -m peft_tglora.similarity ...
-    from .similarity_cli import main
-
-    main()
+if __name__ == "__main__":  # the command line depends on this module, never the reverse
+    raise SystemExit("The command line is `python -m peft_tglora.similarity_cli` (or `tglora-similarity`).")

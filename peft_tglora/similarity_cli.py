@@ -1,12 +1,13 @@
-"""Command line for task similarity and task trees: ``python -m peft_tglora.similarity`` or ``tglora-similarity``.
+"""Command line for task similarity and task trees: ``python -m peft_tglora.similarity_cli`` or ``tglora-similarity``.
 
-Writes ``similarity.json`` (what ``TGLoraConfig(similarity_file=...)`` reads), ``task_tree.json``
-(``TGLoraConfig(tasks=d["tasks"], task_groups=d["task_groups"])``) and ``similarity.png`` into ``--out``.
+Computes the gradient task similarity on your data, with the data and model options of ``examples/train_tglora.py``,
+averaged over seeds, and writes into ``--out``: ``similarity.json`` (with a stability report; what
+``TGLoraConfig(similarity_file=...)`` reads), ``task_tree.json`` (``TGLoraConfig(tasks=d["tasks"],
+task_groups=d["task_groups"])``) and ``similarity.png`` (heatmap and dendrogram with each stage's cut).
 
-    # cut a tree from a similarity computed before
-    python -m peft_tglora.similarity --from-json runs/similarity.json --groups-per-stage 1,1,2,4 --out runs
-    # compute on the synthetic example data (needs the `train` extra), with a tiny random Swin or --model PATH
-    python -m peft_tglora.similarity --tasks semseg,human_parts,saliency,normals --num-batches 8 --out runs
+    tglora-similarity --dataset camvid --data_root data/camvid_mt --backbone PATH --groups_per_stage 1,1,2,4 --out sim
+    tglora-similarity --from_json sim/similarity.json --groups_per_stage 1,1,1,2 --out sim2   # another cut
+    tglora-similarity --demo --out sim   # synthetic scenes and a tiny random Swin: a smoke test, not a result
 """
 
 from __future__ import annotations
@@ -18,125 +19,142 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .clustering import build_task_tree
+from .similarity import TaskSimilarity
 
 
 logger = logging.getLogger(__name__)
 
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+DEMO = dict(dataset="synthetic", tasks="semseg,human_parts,saliency,normals", image_size="64", synthetic_size=64,
+            backbone_config={"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}, head_width=8,
+            head_hidden=64, num_batches=8, seeds="0")  # fmt: skip
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    sizes = _ints(text)
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"--image_size {text!r}: give one size (224) or height,width (120,160).")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tglora-similarity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="tglora_similarity", help="Folder for the JSON files and the picture.")
-    parser.add_argument("--from-json", help="Read a saved similarity instead of computing one.")
-    tree = parser.add_mutually_exclusive_group()
-    tree.add_argument("--groups-per-stage", type=_ints, help="Groups per stage, e.g. 1,1,2,4 (default 1,1,2,T).")
+    from .tasks.grouping import DEFAULT_HEAD_WARMUP_STEPS, DEFAULT_NUM_BATCHES, DEFAULT_SEEDS
+
+    p = argparse.ArgumentParser(prog="tglora-similarity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="tglora_similarity", help="Folder for the JSON files and the picture.")
+    p.add_argument("--from_json", "--from-json", help="Cut a tree from a saved similarity instead of computing one.")
+    p.add_argument("--demo", action="store_true", help="Synthetic scenes and a tiny random Swin (a smoke test).")
+    tree = p.add_mutually_exclusive_group()
     tree.add_argument(
-        "--threshold",
-        type=_floats,
-        help="Per-stage similarity thresholds, e.g. 0,0.2,0.5,0.9; one value: the last of 4 stages only.",
+        "--groups_per_stage", "--groups-per-stage", type=_ints, help="e.g. 1,1,2,4 (default 1,..,1,2,T)."
     )
-    parser.add_argument("--linkage", default="average", choices=["average", "complete", "single"])
-    compute = parser.add_argument_group("computing a similarity (ignored with --from-json)")
-    compute.add_argument("--tasks", default="semseg,human_parts,saliency,normals", help="Comma-separated task names.")
-    compute.add_argument("--model", help="SwinModel path or hub id; default: a tiny random Swin (a smoke test).")
-    compute.add_argument("--image-size", type=int, default=64)
-    compute.add_argument("--num-images", type=int, default=64, help="Synthetic images to draw batches from.")
-    compute.add_argument("--batch-size", type=int, default=8)
-    compute.add_argument("--num-batches", type=int, default=8)
-    compute.add_argument("--head-warmup-steps", type=int, default=10)
-    compute.add_argument("--wrt", default="backbone", choices=["backbone", "adapters"])
-    compute.add_argument("--projection-dim", type=int, help="Project gradients to this size (large backbones).")
-    compute.add_argument("--seed", type=int, default=0)
-    compute.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    tree.add_argument("--threshold", type=_floats, help="Per-stage similarity thresholds; one value: last stage only.")
+    p.add_argument("--linkage", default="average", choices=["average", "complete", "single"])
+    data = p.add_argument_group("data and model, as in examples/train_tglora.py")
+    data.add_argument("--dataset", default=None, help="A data set of peft_tglora.tasks.DATASETS, e.g. camvid.")
+    data.add_argument("--data_root", default=None, help="Local folder in the layout of docs/TASKS.md.")
+    data.add_argument("--hub_id", default=None, help="A data set for datasets.load_dataset.")
+    data.add_argument("--split", default="train", help="The split to draw batches from (the training split).")
+    data.add_argument("--tasks", default=None, help="Comma-separated; default: the dataset's tasks.")
+    data.add_argument("--image_size", type=_image_size, default=224, help="224, or height,width such as 120,160.")
+    data.add_argument("--backbone", default="tiny-swin", help="'tiny-swin' (random init) or a Hub id / path.")
+    data.add_argument("--backbone_config", type=json.loads, default=None, help="JSON overrides of the tiny-swin.")
+    data.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    data.add_argument("--head_width", type=int, default=18)
+    data.add_argument("--head_hidden", type=int, default=None)
+    data.add_argument("--head_kernel", type=int, default=1, choices=[1, 3])
+    data.add_argument("--head_norm", default="batch", choices=["batch", "group"])
+    data.add_argument("--synthetic_size", type=int, default=64, help="Synthetic images (with --demo).")
+    sim = p.add_argument_group("the similarity")
+    sim.add_argument("--num_batches", "--num-batches", type=int, default=DEFAULT_NUM_BATCHES, help="Per seed.")
+    sim.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="Runs averaged, e.g. 0,1,2.")
+    sim.add_argument("--head_warmup_steps", "--head-warmup-steps", type=int, default=DEFAULT_HEAD_WARMUP_STEPS)
+    sim.add_argument("--wrt", default="backbone", choices=["backbone", "adapters"])
+    sim.add_argument("--projection_dim", "--projection-dim", type=int, help="Project gradients (large backbones).")
+    sim.add_argument("--no_progress", "--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.demo:
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
+    if args.from_json is None and not args.demo and args.dataset in (None, "synthetic"):
+        p.error("give --dataset (with --data_root or --hub_id) for your data; synthetic data only with --demo.")
+    return args
 
 
-def compute_on_synthetic(args: argparse.Namespace):
-    """Similarity of the synthetic example tasks on a Swin wrapped with a shared TGLoRA tree."""
+def compute(args: argparse.Namespace):
+    """Similarity of ``args.tasks`` on ``args.dataset`` with the run's heads and losses (`group_tasks`)."""
     import torch
     from peft import get_peft_model
-    from torch import nn
-    from transformers import SwinConfig, SwinModel
 
     from . import TGLoraConfig
-    from .similarity import compute_task_similarity
-    from .tasks import build_dataloaders, build_heads, make_synthetic_multitask, task_loss
+    from .tasks import build_dataloaders, build_heads, get_dataset_spec, load_multitask_dataset
+    from .tasks.grouping import default_groups_per_stage, group_tasks, run_losses
+    from .training import build_backbone
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    torch.manual_seed(args.seed)
-    if args.model:
-        base = SwinModel.from_pretrained(args.model)
-    else:  # window 2 keeps all four stages valid at 64 px
-        config = SwinConfig(
-            image_size=args.image_size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2]
-        )
-        config.window_size = 2
-        base = SwinModel(config)
-    backbone = get_peft_model(base, TGLoraConfig(tasks=tasks, task_groups="shared", r=4))
-    data = make_synthetic_multitask(args.num_images, args.image_size, tasks=tasks, seed=args.seed)
-    loader, _ = build_dataloaders(
-        data, data, tasks, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed
-    )
-    widths = [base.config.embed_dim * 2**s for s in range(len(base.config.depths))]
-    size = (args.image_size, args.image_size)
+    tasks = args.tasks.split(",") if args.tasks else list(get_dataset_spec(args.dataset).tasks)
+    if args.demo:
+        from .tasks import make_synthetic_multitask
 
-    class Head(nn.Module):  # the task head, upsampled to the label size the loss expects
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def forward(self, features):
-            return self.head(features, output_size=size)
-
-    heads = {t: Head(h) for t, h in build_heads(tasks, widths, dataset="synthetic", norm="group").items()}
-    losses = {t: (lambda prediction, batch, t=t: task_loss(t, prediction, batch)) for t in tasks}
-    return compute_task_similarity(
-        backbone,
-        heads,
-        losses,
-        loader,
-        num_batches=args.num_batches,
-        wrt=args.wrt,
-        projection_dim=args.projection_dim,
-        seed=args.seed,
-        head_warmup_steps=args.head_warmup_steps,
-        disable_progress=args.no_progress,
-    )
+        data = make_synthetic_multitask(args.synthetic_size, args.image_size, tasks=tasks, seed=0)
+    else:
+        data = load_multitask_dataset(args.dataset, args.split, root=args.data_root, hub_id=args.hub_id, tasks=tasks)
+    loader, _ = build_dataloaders(data, data, tasks, image_size=args.image_size, batch_size=args.batch_size)
+    base = build_backbone(args.backbone, args.image_size, args.backbone_config)
+    shared = get_peft_model(base, TGLoraConfig(tasks=tasks, task_groups="shared", r=4))
+    shared.eval()
+    height, width = (args.image_size,) * 2 if isinstance(args.image_size, int) else args.image_size
+    with torch.no_grad():
+        channels = [f.shape[1] for f in shared(pixel_values=torch.zeros(1, 3, height, width)).task_features[tasks[0]]]
+    head_kwargs = dict(channels=[args.head_width * 2**s for s in range(len(channels))], hidden_channels=args.head_hidden,
+                       kernel_size=args.head_kernel, norm=args.head_norm)  # fmt: skip
+    heads = build_heads(tasks, channels, dataset=args.dataset, **head_kwargs)
+    counts = args.groups_per_stage or default_groups_per_stage(len(tasks), len(channels))
+    result = group_tasks(
+        shared, dict(heads), run_losses(tasks), loader, counts, num_batches=args.num_batches, seeds=_ints(args.seeds),
+        head_warmup_steps=args.head_warmup_steps, linkage=args.linkage, wrt=args.wrt,
+        projection_dim=args.projection_dim, disable_progress=args.no_progress,
+    )  # fmt: skip
+    return result.similarity, len(channels)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv``, write the three files, return what ``task_tree.json`` holds."""
     args = parse_args(argv)
-    from .similarity import TaskSimilarity  # torch only once the arguments are known to be valid
-
-    sim = TaskSimilarity.from_json(args.from_json) if args.from_json else compute_on_synthetic(args)
+    if args.from_json:
+        sim = TaskSimilarity.from_json(args.from_json)
+        num_stages = len(sim.stability["stages"]) if sim.stability else 4  # the cut it was computed for
+    else:
+        sim, num_stages = compute(args)
     num_tasks = len(sim.tasks)
     counts = args.groups_per_stage
     if counts is None and args.threshold is None:
-        counts = [1, 1, min(2, num_tasks), num_tasks]
+        counts = [1] * (num_stages - 2) + [min(2, num_tasks), num_tasks]
     threshold = args.threshold[0] if args.threshold is not None and len(args.threshold) == 1 else args.threshold
-    tree = build_task_tree(sim, counts, threshold=threshold, linkage=args.linkage)
+    tree = build_task_tree(sim, counts, threshold=threshold, num_stages=num_stages, linkage=args.linkage)
+    counts = [len(stage) for stage in tree]
     out = Path(args.out)
     sim_path = sim.to_json(out / "similarity.json")
     tree_path = out / "task_tree.json"
     record = {
         "tasks": list(sim.tasks),
         "task_groups": tree,
-        "groups_per_stage": [len(stage) for stage in tree],
+        "groups_per_stage": counts,
         "linkage": args.linkage,
         "similarity_file": sim_path.name,
     }
     tree_path.write_text(json.dumps(record, indent=2) + "\n")
-    png = sim.plot(out / "similarity.png", linkage=args.linkage)
+    png = sim.plot(out / "similarity.png", linkage=args.linkage, groups_per_stage=counts)
     for stage, groups in enumerate(tree):
         logger.info("stage %d: %s", stage, " | ".join(",".join(group) for group in groups))
+    if sim.stability is not None and not sim.stability["stable"]:
+        logger.warning("The partition is not stable over seeds and halves: see 'stability' in %s.", sim_path)
     logger.info("wrote %s, %s and %s", sim_path, tree_path, png)
     return record
 

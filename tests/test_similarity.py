@@ -370,15 +370,27 @@ def test_cli_from_json_writes_tree_loadable_by_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_computes_on_synthetic_data(tmp_path):
+def test_cli_demo_computes_on_synthetic_data(tmp_path):
     from peft_tglora.similarity_cli import run
 
-    args = ["--tasks", "semseg,saliency,depth", "--num-images", "8", "--batch-size", "4", "--num-batches", "2"]
-    record = run([*args, "--head-warmup-steps", "1", "--no-progress", "--out", str(tmp_path)])
+    args = ["--demo", "--tasks", "semseg,saliency,depth", "--synthetic_size", "8", "--batch_size", "4"]
+    record = run([*args, "--num_batches", "2", "--seeds", "0,1", "--head_warmup_steps", "1", "--no_progress",
+                  "--out", str(tmp_path)])  # fmt: skip
     sim = TaskSimilarity.from_json(tmp_path / "similarity.json")
     assert sim.tasks == ["semseg", "saliency", "depth"] and sim.num_batches == [2, 2, 2]
     assert record["groups_per_stage"] == [1, 1, 2, 3]
     assert np.all(np.abs(sim.matrix) <= 1) and np.array_equal(sim.matrix, sim.matrix.T)
+    assert sim.stability["seeds"] == [0, 1] and len(sim.stability["partitions_per_half"]) == 2
+
+
+def test_cli_needs_real_data_unless_demo(capsys):
+    from peft_tglora.similarity_cli import parse_args
+
+    for argv in ([], ["--dataset", "synthetic"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "synthetic data only with --demo" in capsys.readouterr().err
+    assert parse_args(["--dataset", "nyud", "--data_root", "x", "--image_size", "120,160"]).image_size == (120, 160)
 
 
 def test_tglora_shared_tree_matches_brute_force():
@@ -428,3 +440,75 @@ def test_tglora_shared_tree_matches_brute_force():
     assert by_adapters.wrt == "adapters" and by_adapters.num_parameters == sum(
         p.numel() for p in shared_parameters(model, "adapters")
     )
+
+
+def _package_import_graph():
+    """Module -> the peft_tglora modules it imports anywhere in its source (lazy imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    import peft_tglora
+
+    root = Path(peft_tglora.__file__).parent
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = ["peft_tglora", *path.relative_to(root).with_suffix("").parts]
+        is_package = parts[-1] == "__init__"
+        names[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph = {}
+    for name, (path, is_package) in names.items():
+        package = name if is_package else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                if base not in names:
+                    continue
+                # `from . import x` names the submodule x when there is one, else something of the package itself
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in names]
+                edges |= set(subs) if len(subs) == len(node.names) else {base, *subs}
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_imports_flow_one_way():
+    graph = _package_import_graph()
+    assert "peft_tglora.similarity_cli" not in graph["peft_tglora.similarity"]  # the CLI uses the library
+    # no cycle anywhere in the package, lazy imports included (depth-first search for a back edge)
+    state, cycles = {}, []
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_import_peft_tglora_stays_light():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, peft_tglora\n"
+        "heavy = ('peft_tglora.similarity', 'peft_tglora.tasks', 'matplotlib', 'datasets')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(heavy))\n"
+        "assert not loaded, loaded\n"
+        "import peft_tglora.similarity\n"
+        "assert 'peft_tglora.similarity_cli' not in sys.modules\n"
+        "assert peft_tglora.similarity.TaskSimilarity is peft_tglora.TaskSimilarity\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
