@@ -191,9 +191,8 @@ def train(recipe: dict, data: dict, progress: bool = True) -> tuple[nn.Module, d
     torch.use_deterministic_algorithms(True)
     train_images, train_labels = data["train"]
     test_images, test_labels = data["test"]
-    model = Classifier(
-        build_backbone(recipe), recipe["num_classes"]
-    )  # seeds the global RNG: init and the head are fixed too
+    # build_backbone seeds the global RNG, so the head's init is fixed too
+    model = Classifier(build_backbone(recipe), recipe["num_classes"])
     generator = torch.Generator().manual_seed(recipe["seed"])  # shuffling and augmentation
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "position" not in n]
