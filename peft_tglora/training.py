@@ -18,11 +18,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .tasks import MultiScaleHead, MultiTaskDataset, build_meter, decode_example, postprocess
+from .tasks import MultiScaleHead, build_meter, postprocess
 
 
 logger = logging.getLogger(__name__)
@@ -36,24 +35,28 @@ BASE_MODEL_DIR = "base_model"
 TINY_SWIN = dict(patch_size=4, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=2)
 
 
-def build_backbone(name: str, image_size: int, overrides: Mapping | None = None, seed: int = 0) -> nn.Module:
+def build_backbone(
+    name: str, image_size: int | Sequence[int], overrides: Mapping | None = None, seed: int = 0
+) -> nn.Module:
     """`"tiny-swin"` (random init from `TINY_SWIN` updated by `overrides`), else `AutoModel.from_pretrained(name)`."""
     from transformers import AutoModel, SwinConfig, SwinModel
 
     if name == "tiny-swin":
         torch.manual_seed(seed)
-        return SwinModel(SwinConfig(image_size=image_size, **{**TINY_SWIN, **dict(overrides or {})}))
+        size = image_size if isinstance(image_size, int) else list(image_size)  # [H, W]: a non-square input
+        return SwinModel(SwinConfig(image_size=size, **{**TINY_SWIN, **dict(overrides or {})}))
     if overrides:
         raise ValueError(f"Backbone config overrides {dict(overrides)} only apply to 'tiny-swin', not to {name!r}.")
     return AutoModel.from_pretrained(name)
 
 
 @torch.no_grad()
-def stage_channels(peft_model: nn.Module, image_size: int) -> list[int]:
-    """Channels of each stage's task features, read from one forward pass on a blank image."""
+def stage_channels(peft_model: nn.Module, image_size: int | Sequence[int]) -> list[int]:
+    """Channels of each stage's task features, read from one forward pass on a blank image (`image_size`: int or H, W)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     was_training = peft_model.training
     peft_model.eval()
-    out = peft_model(pixel_values=torch.zeros(1, 3, image_size, image_size))
+    out = peft_model(pixel_values=torch.zeros(1, 3, height, width))
     peft_model.train(was_training)
     return [int(f.shape[1]) for f in next(iter(out.task_features.values()))]
 
@@ -73,44 +76,6 @@ class MultiTaskModel(nn.Module):
         features = self.backbone(pixel_values=pixel_values).task_features
         size = pixel_values.shape[-2:]
         return {task: head(features[task], output_size=size) for task, head in self.heads.items()}
-
-
-class SeededMultiTaskDataset(MultiTaskDataset):
-    """
-    `MultiTaskDataset` whose augmentation for row `i` in epoch `e` draws from a generator seeded by `(seed, e, i)`.
-
-    A sample's augmentation then depends on nothing else: not on which process or worker loads it, not on how many
-    batches came before, and not on whether the run was interrupted and resumed, so a resumed run sees the same data
-    as an uninterrupted one. Call `set_epoch(e)` before each epoch.
-
-    `prepare` is a deterministic transform run right after decoding (e.g. `Resize`); with `cache=True` its output is
-    kept in memory, so later epochs skip decoding and resizing (for sets that fit in memory, such as the demo's; each
-    data loader worker holds its own cache).
-    """
-
-    def __init__(
-        self, dataset, tasks: Sequence[str], transform: Callable, seed: int = 0, *, prepare=None, cache=False
-    ):
-        super().__init__(dataset, tasks, transform)
-        self.seed, self.epoch, self.prepare = seed, 0, prepare
-        self._cache: dict[int, dict] | None = {} if cache else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _prepared(self, index: int) -> dict[str, torch.Tensor]:
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        sample = decode_example(self.dataset[index], self.tasks)
-        sample = self.prepare(sample) if self.prepare is not None else sample
-        if self._cache is not None:
-            self._cache[index] = sample  # transforms build new tensors, so the cached ones are never changed
-        return sample
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) >> 1)
-        return self.transform(dict(self._prepared(int(index))), generator)
 
 
 @torch.no_grad()

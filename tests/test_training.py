@@ -11,14 +11,12 @@ from peft import get_peft_model
 from peft_tglora import TGLoraConfig
 from peft_tglora.hub import PUSH_IGNORE, model_card, push_folder, tree_table
 from peft_tglora.tasks import build_heads, make_synthetic_multitask, train_transforms
+from peft_tglora.tasks.training_data import SeededMultiTaskDataset
 from peft_tglora.training import (
     MultiTaskModel,
-    SeededMultiTaskDataset,
     build_backbone,
-    checkpoint_step,
     drop_frozen_weights,
     load_heads,
-    resolve_checkpoint,
     save_heads,
     stage_channels,
     weights_digest,
@@ -88,17 +86,6 @@ def test_weights_digest_sees_one_changed_value(model):
         next(p for p in model.parameters() if p.requires_grad).view(-1)[0] += 1e-7
     assert weights_digest(model) != before
     assert weights_digest(model, trainable_only=False) != weights_digest(model)
-
-
-def test_checkpoint_names(tmp_path):
-    for step in [2, 10, 4]:
-        (tmp_path / "checkpoints" / f"step_{step}").mkdir(parents=True)
-    assert resolve_checkpoint("latest", tmp_path).name == "step_10"  # by number, not by name
-    assert checkpoint_step(tmp_path / "checkpoints" / "step_4") == 4
-    with pytest.raises(ValueError, match="not a checkpoint folder"):
-        checkpoint_step(tmp_path / "epoch_1")
-    with pytest.raises(FileNotFoundError, match="No checkpoint"):
-        resolve_checkpoint("latest", tmp_path / "empty")
 
 
 def test_backbone_overrides_apply_to_the_tiny_swin_only():

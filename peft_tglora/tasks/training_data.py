@@ -1,0 +1,111 @@
+"""
+Training-side data: samples augmented from a per-sample seed, and the up-front check that every row decodes.
+
+Both name the files of a row that cannot be decoded, so that a bad image fails with its path (before the first step
+with `check_split`, or at its batch otherwise) rather than with a bare decoding error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .data import MultiTaskDataset, decode_example
+
+
+def _undecoded(dataset):
+    """`dataset` with its image columns left as `{"bytes", "path"}` dicts, so a broken file can be named."""
+    features = getattr(dataset, "features", None)
+    if features is None:
+        return dataset
+    import datasets
+
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def describe_row(dataset, index: int) -> str:
+    """`row 3 (id '2008_000123': images/2008_000123.jpg, semseg/2008_000123.png)`: the row with its files."""
+    try:
+        row = _undecoded(dataset)[int(index)]
+    except Exception as error:  # noqa: BLE001  describing must not hide the original error
+        return f"row {index} (unreadable: {type(error).__name__}: {error})"
+    files = []
+    for column, value in row.items():
+        path = value.get("path") if isinstance(value, dict) else value
+        if isinstance(path, (str, os.PathLike)) and column != "id":
+            files.append(f"{column}={os.fspath(path)}")
+    name = f"row {index}" + (f" (id {row['id']!r})" if "id" in row else "")
+    return f"{name}: {', '.join(files)}" if files else f"{name} (stored in memory, no file)"
+
+
+def check_split(
+    dataset, tasks: Sequence[str], split: str, indices: Sequence[int] | None = None, max_errors: int = 10
+) -> list[str]:
+    """
+    Decode the rows `indices` (default: all) of `dataset` and return one message per row that fails, naming its files.
+
+    A row fails when a file is missing or cannot be decoded, or when a label's size differs from its image's
+    (`decode_example`'s checks). Stops after `max_errors` failures. Run before training, so that a bad file is found
+    in seconds rather than at its batch hours later.
+    """
+    indices = range(len(dataset)) if indices is None else indices
+    raw = _undecoded(dataset)
+    errors = []
+    for index in indices:
+        try:
+            decode_example(raw[int(index)], tasks)
+        except Exception as error:  # noqa: BLE001  every failure is reported with its row
+            errors.append(f"{split} {describe_row(dataset, index)}: {type(error).__name__}: {error}")
+            if len(errors) >= max_errors:
+                break
+    return errors
+
+
+class SeededMultiTaskDataset(MultiTaskDataset):
+    """
+    `MultiTaskDataset` whose augmentation for row `i` in epoch `e` draws from a generator seeded by `(seed, e, i)`.
+
+    A sample's augmentation then depends on nothing else: not on which process or worker loads it, not on how many
+    batches came before, and not on whether the run was interrupted and resumed, so a resumed run sees the same data
+    as an uninterrupted one. Call `set_epoch(e)` before each epoch.
+
+    `prepare` is a deterministic transform run right after decoding (e.g. `Resize`); with `cache=True` its output is
+    kept in memory, so later epochs skip decoding and resizing (for sets that fit in memory, such as the demo's; each
+    data loader worker holds its own cache). A row that cannot be decoded raises with its files named.
+    """
+
+    def __init__(
+        self, dataset, tasks: Sequence[str], transform: Callable, seed: int = 0, *, prepare=None, cache=False
+    ):
+        super().__init__(dataset, tasks, transform)
+        self.seed, self.epoch, self.prepare = seed, 0, prepare
+        self._cache: dict[int, dict] | None = {} if cache else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _prepared(self, index: int) -> dict[str, torch.Tensor]:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        try:
+            sample = decode_example(self.dataset[index], self.tasks)
+        except Exception as error:
+            raise RuntimeError(
+                f"Cannot decode {describe_row(self.dataset, index)} ({type(error).__name__}: {error}). Fix or remove "
+                "the file; the check before training (on unless --skip_data_check) lists every such row."
+            ) from error
+        sample = self.prepare(sample) if self.prepare is not None else sample
+        if self._cache is not None:
+            self._cache[index] = sample  # transforms build new tensors, so the cached ones are never changed
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state) >> 1)
+        return self.transform(dict(self._prepared(int(index))), generator)
