@@ -131,7 +131,8 @@ def load_multitask_dataset(
     Args:
         name (`str`): `"pascal_context"`, `"nyud"` or `"synthetic"` (see `specs.DATASETS`).
         split (`str`): Split name, e.g. `"train"` or `"val"`.
-        root (`str` or `PathLike`, *optional*): A local folder in the layout of docs/TASKS.md.
+        root (`str` or `PathLike`, *optional*): A local folder in the layout of docs/TASKS.md, or an extracted
+            `PASCAL_MT`, MTI-Net `NYUD_MT` or ATRC `NYUDv2` archive (prepared once into a cache, see `prepare.py`).
         hub_id (`str`, *optional*): Anything `datasets.load_dataset` accepts (a Hub repository id, or a local folder of
             parquet / arrow files); `load_kwargs` go to it.
         tasks (`list[str]`, *optional*): Task columns to keep; defaults to the dataset's tasks.
@@ -156,7 +157,10 @@ def load_multitask_dataset(
             f"Dataset {name!r} is not bundled: pass root= (a local folder in the layout of docs/TASKS.md) or hub_id=."
         )
     if root is not None:
-        dataset = _load_folder(Path(root), split, tasks)
+        from .prepare import prepared_root
+
+        # an extracted PASCAL_MT / NYUD_MT / NYUDv2 archive is decoded once into a cache in the project's layout
+        dataset = _load_folder(prepared_root(name, root, split, tasks), split, tasks)
     else:
         import datasets
 
