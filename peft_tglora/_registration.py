@@ -7,6 +7,8 @@ upgrades, so it lives alone here with its own test.
 
 from __future__ import annotations
 
+import functools
+
 from peft.utils import PeftType, register_peft_method
 
 
@@ -27,6 +29,52 @@ def _add_peft_type_member() -> PeftType:
     return member
 
 
+def _roll_back_failed_loads() -> None:
+    """Make a failed `PeftModel.from_pretrained` or `load_adapter` of a TGLoRA adapter leave the model as it was.
+
+    PEFT injects the adapter before it reads the weights, so a weight file that is corrupt or made for another backbone
+    size fails with the model already rewired. The snapshot is taken before PEFT starts and restored on any error.
+    """
+    from peft import PeftModel
+
+    from ._snapshot import ModelSnapshot
+    from .backbones import BACKBONES
+    from .layer import TGLoraLayer
+    from .model import TGLoraModel
+
+    load_adapter = PeftModel.load_adapter
+    if getattr(load_adapter, "_rolls_back", False):
+        return
+    from_pretrained = PeftModel.from_pretrained.__func__
+
+    @functools.wraps(load_adapter)
+    def load_adapter_or_roll_back(self, *args, **kwargs):
+        if not isinstance(self.base_model, TGLoraModel):
+            return load_adapter(self, *args, **kwargs)
+        snapshot = ModelSnapshot(self)
+        try:
+            return load_adapter(self, *args, **kwargs)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    @functools.wraps(from_pretrained)
+    def from_pretrained_or_roll_back(cls, model, *args, **kwargs):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        snapshot = ModelSnapshot(model) if model_type in BACKBONES else None
+        try:
+            return from_pretrained(cls, model, *args, **kwargs)
+        except BaseException:
+            # other PEFT methods keep PEFT's own behaviour
+            if snapshot is not None and any(isinstance(m, TGLoraLayer) for m in model.modules()):
+                snapshot.restore()
+            raise
+
+    load_adapter_or_roll_back._rolls_back = True
+    PeftModel.load_adapter = load_adapter_or_roll_back
+    PeftModel.from_pretrained = classmethod(from_pretrained_or_roll_back)
+
+
 def register() -> None:
     """Idempotent: importing the package twice (or reloading it) registers once."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -35,6 +83,7 @@ def register() -> None:
     from .model import TGLoraModel
 
     peft_type = _add_peft_type_member()
+    _roll_back_failed_loads()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     register_peft_method(name=NAME.lower(), config_cls=TGLoraConfig, model_cls=TGLoraModel, prefix=TGLoraModel.prefix)

@@ -31,7 +31,10 @@ class BackboneSpec:
             positional argument must be the stage's input with the batch on dim 0.
         feature_modules: `core -> [module per stage]` whose forward hook sees the stage's output features.
         feature_fn: turns `(module, args, kwargs, output)` of that hook into `[B, C, H, W]`.
-        patch: optional `core -> undo` that makes the architecture accept a batch that grows between stages.
+        multi_stage_heads: attributes of a task model (e.g. `decode_head`) whose head reads every stage's output
+            together; such a head needs the same number of streams at every stage.
+        patch: optional `core -> undo` that makes the architecture accept a batch that grows between stages. Make
+            `undo` an object that holds the patched module (not a closure), so that a deep copy undoes its own patch.
     """
 
     target_modules: tuple[str, ...]
@@ -39,6 +42,7 @@ class BackboneSpec:
     split_modules: Callable[[nn.Module], list[nn.Module]]
     feature_modules: Callable[[nn.Module], list[nn.Module]]
     feature_fn: FeatureFn
+    multi_stage_heads: tuple[str, ...] = ()
     patch: Callable[[nn.Module], Callable[[], None]] | None = None
 
 
@@ -125,15 +129,21 @@ def _encoder_output(hidden_states, all_hidden_states, all_self_attentions, retur
     )
 
 
+class _RestoreForward:
+    """Undo of an instance-level `forward` replacement. An object, not a closure, so that `copy.deepcopy` of a model
+    gives the copy an undo that acts on the copy's module."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
 def _patch_encoder_forward(forward) -> Callable[[nn.Module], Callable[[], None]]:
     def patch(core: nn.Module) -> Callable[[], None]:
-        encoder = core.encoder
-        encoder.forward = types.MethodType(forward, encoder)
-
-        def undo():
-            encoder.__dict__.pop("forward", None)
-
-        return undo
+        core.encoder.forward = types.MethodType(forward, core.encoder)
+        return _RestoreForward(core.encoder)
 
     return patch
 
@@ -193,6 +203,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         split_modules=lambda core: list(core.stages),
         feature_modules=lambda core: list(core.stages),
         feature_fn=_segformer_stage_features,
+        multi_stage_heads=("decode_head",),  # SegformerForSemanticSegmentation concatenates all four stages
     ),
 }
 

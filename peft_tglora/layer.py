@@ -100,21 +100,30 @@ class Linear(nn.Module, TGLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, num_groups, **kwargs)
 
+    def _mergeable(self, adapter_names: list[str] | None) -> list[str]:
+        # grouped stages cannot merge into one weight; they keep running unmerged
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in self.tglora_A and n not in self.merged_adapters and self.num_groups(n) == 1]
+
+    def check_merge_is_finite(self, adapter_names: list[str] | None = None, name: str = "") -> None:
+        """Raise before any weight changes if merging would put NaNs or infs into the base weight."""
+        merged = self.get_base_layer().weight.data.float()
+        for adapter in self._mergeable(adapter_names):
+            merged = merged + self.delta_weight(adapter, 0).float()
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"Merging {self._mergeable(adapter_names)} into {name or 'a layer'} would put NaNs or infs into its "
+                "weight, so nothing was merged: the adapter is broken (check the training loss and learning rate)."
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge adapters whose stage has a single group; grouped stages cannot merge and keep running unmerged."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if safe_merge:
+            self.check_merge_is_finite(adapter_names)  # all adapters checked before the first is merged
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.tglora_A or self.num_groups(name) != 1:
-                continue
-            delta = self.delta_weight(name, 0)
-            if safe_merge:
-                merged = base.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs or infs would appear in {name!r} after merging; the adapter is broken.")
-                base.weight.data = merged
-            else:
-                base.weight.data += delta
+        for name in self._mergeable(adapter_names):
+            base.weight.data += self.delta_weight(name, 0)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -129,9 +138,11 @@ class Linear(nn.Module, TGLoraLayer):
             base.weight.data -= self.delta_weight(name, 0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
+            if self.merged:  # as LoRA: a disabled adapter is the base model, so merged stages come out first
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.tglora_A or name in self.merged_adapters:
                 continue

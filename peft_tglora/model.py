@@ -12,10 +12,25 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, _get_submodules, check_target_module_exists
 from torch import nn
 
+from ._snapshot import ModelSnapshot
 from .backbones import BACKBONES, backbone_core, get_backbone_spec
 from .config import TGLoraConfig
 from .layer import Linear, TGLoraLayer
 from .tree import TaskTree
+
+
+class _TunerHook:
+    """A forward (pre-)hook that calls `tuner.<method>(*extra, *hook_args)`.
+
+    An object rather than a closure: `copy.deepcopy` of the model copies its attributes, so the copy's hooks act on
+    the copy's tuner (its disable flag, active tree and recorded features); a closure would keep the original's.
+    """
+
+    def __init__(self, tuner: TGLoraModel, method: str, *extra):
+        self.tuner, self.method, self.extra = tuner, method, extra
+
+    def __call__(self, *args):
+        return getattr(self.tuner, self.method)(*self.extra, *args)
 
 
 class TGLoraModel(BaseTuner):
@@ -51,7 +66,15 @@ class TGLoraModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: TGLoraConfig, model_config: dict) -> TGLoraConfig:
         model_type, spec = get_backbone_spec(self.model)
         num_stages = len(spec.split_modules(backbone_core(self.model)))
-        peft_config.resolve_for_backbone(num_stages, f"{type(self.model).__name__} ({model_type})")
+        tree = peft_config.resolve_for_backbone(num_stages, f"{type(self.model).__name__} ({model_type})")
+        heads = [name for name in spec.multi_stage_heads if getattr(self.model, name, None) is not None]
+        if heads and len(set(tree.groups_per_stage)) > 1:
+            raise ValueError(
+                f"`{type(self.model).__name__}.{heads[0]}` reads every stage's output together, so it needs the same "
+                f"number of task groups at every stage, but `task_groups` has {list(tree.groups_per_stage)} groups "
+                "per stage. Use task_groups='shared' (or 'per_task') with this model, or wrap the backbone alone "
+                f"(`{type(backbone_core(self.model)).__name__}`) and give each task its own decoder on `task_features`."
+            )
         if peft_config.target_modules is None:
             peft_config.target_modules = list(spec.target_modules)
         self._check_targets(peft_config, self.model)
@@ -124,9 +147,14 @@ class TGLoraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # PEFT runs _post_injection_hook for the first adapter only; add_adapter/load_adapter come through here too
-        super().inject_adapter(model, adapter_name, **kwargs)
-        if not getattr(self, "_hook_handles", None):
-            self._install_stream_hooks(model)
+        snapshot = ModelSnapshot(self)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+            if not getattr(self, "_hook_handles", None):
+                self._install_stream_hooks(model)
+        except BaseException:
+            snapshot.restore()  # a failed injection leaves the model (and this tuner) as it was
+            raise
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -162,13 +190,13 @@ class TGLoraModel(BaseTuner):
         self._call_tree: TaskTree | None = None
         handles = []
         for stage, module in enumerate(spec.split_modules(core)):
-            handles.append(module.register_forward_pre_hook(self._make_split_hook(stage), with_kwargs=True))
+            hook = _TunerHook(self, "_split_streams", stage)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         for stage, module in enumerate(spec.feature_modules(core)):
-            handles.append(
-                module.register_forward_hook(self._make_feature_hook(stage, spec.feature_fn), with_kwargs=True)
-            )
-        handles.append(model.register_forward_pre_hook(self._begin_call))
-        handles.append(model.register_forward_hook(self._attach_task_features))
+            hook = _TunerHook(self, "_record_features", stage, spec.feature_fn)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(_TunerHook(self, "_begin_call")))
+        handles.append(model.register_forward_hook(_TunerHook(self, "_attach_task_features")))
         self._hook_handles = handles
 
     def _remove_stream_hooks(self) -> None:
@@ -183,29 +211,23 @@ class TGLoraModel(BaseTuner):
         self._stage_features = {}
         self._call_tree = self._active_tree()
 
-    def _make_split_hook(self, stage: int):
-        def split_streams(module, args, kwargs):
-            # reads the model's state, not the call's, so that a checkpoint that recomputes the stage with its
-            # hooks (after the call has ended) splits the same way
-            tree = None if self._streams_disabled else self._active_tree()
-            if tree is None or not tree.splits_at(stage):
-                return None
-            hidden = args[0]
-            parents = tree.parent_indices[stage]
-            previous = 1 if stage == 0 else tree.groups_per_stage[stage - 1]
-            streams = hidden.reshape(previous, -1, *hidden.shape[1:])  # [G_prev, B, ...]
-            index = torch.tensor(parents, device=hidden.device)
-            hidden = streams.index_select(0, index).reshape(-1, *hidden.shape[1:])  # [G * B, ...], child = parent
-            return (hidden, *args[1:]), kwargs
+    def _split_streams(self, stage: int, module, args, kwargs):
+        # reads the model's state, not the call's, so that a checkpoint that recomputes the stage with its hooks
+        # (after the call has ended) splits the same way
+        tree = None if self._streams_disabled else self._active_tree()
+        if tree is None or not tree.splits_at(stage):
+            return None
+        hidden = args[0]
+        parents = tree.parent_indices[stage]
+        previous = 1 if stage == 0 else tree.groups_per_stage[stage - 1]
+        streams = hidden.reshape(previous, -1, *hidden.shape[1:])  # [G_prev, B, ...]
+        index = torch.tensor(parents, device=hidden.device)
+        hidden = streams.index_select(0, index).reshape(-1, *hidden.shape[1:])  # [G * B, ...], child = parent
+        return (hidden, *args[1:]), kwargs
 
-        return split_streams
-
-    def _make_feature_hook(self, stage: int, feature_fn):
-        def record(module, args, kwargs, output):
-            if self._call_tree is not None:
-                self._stage_features[stage] = feature_fn(module, args, kwargs, output)
-
-        return record
+    def _record_features(self, stage: int, feature_fn, module, args, kwargs, output):
+        if self._call_tree is not None:
+            self._stage_features[stage] = feature_fn(module, args, kwargs, output)
 
     def _attach_task_features(self, module, args, output):
         tree, features = self._call_tree, self._stage_features
@@ -233,8 +255,16 @@ class TGLoraModel(BaseTuner):
         names = adapter_names or self.active_adapters
         return [n for n in names if max(self.peft_config[n].task_tree.groups_per_stage) > 1]
 
+    def _check_merge_is_finite(self, adapter_names: list[str] | None) -> None:
+        # every layer is checked before the first weight changes, so a refused safe merge leaves the model as it was
+        for key, module in self.model.named_modules():
+            if isinstance(module, TGLoraLayer):
+                module.check_merge_is_finite(adapter_names, name=repr(key))
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge every stage that has one group into the base weights; grouped stages keep running as adapters."""
+        if safe_merge:
+            self._check_merge_is_finite(adapter_names)
         for name in self._grouped_adapters(adapter_names):
             counts = self.peft_config[name].task_tree.groups_per_stage
             grouped = [s for s, c in enumerate(counts) if c > 1]
@@ -255,9 +285,13 @@ class TGLoraModel(BaseTuner):
             )
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
-    def _unload_and_optionally_merge(self, *args, **kwargs):
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge:
+            self._check_merge_is_finite(adapter_names)  # before the hooks go: a refusal changes nothing
         self._remove_stream_hooks()
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     @contextmanager
     def _without_stream_hooks(self):

@@ -25,11 +25,18 @@ _PYRAMID = dict(
 )
 
 
-def tiny_backbone(model_type: str, seed: int = 0) -> torch.nn.Module:
+def tiny_backbone(model_type: str, seed: int = 0, width: int = 1) -> torch.nn.Module:
+    """`width` multiplies every channel count: `width=2` is the same architecture at another size."""
     torch.manual_seed(seed)
     swin = dict(
-        image_size=IMAGE_SIZE, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=2
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+        embed_dim=8 * width,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=2,
     )
+    pyramid = {**_PYRAMID, "hidden_sizes": [c * width for c in _PYRAMID["hidden_sizes"]]}
     if model_type == "swin":
         model = SwinModel(SwinConfig(**swin))
     elif model_type == "swinv2":
@@ -37,7 +44,7 @@ def tiny_backbone(model_type: str, seed: int = 0) -> torch.nn.Module:
     elif model_type == "pvt":
         model = PvtModel(
             PvtConfig(
-                **_PYRAMID,
+                **pyramid,
                 num_encoder_blocks=4,
                 sequence_reduction_ratios=[4, 2, 1, 1],
                 patch_sizes=[4, 2, 2, 2],
@@ -45,9 +52,9 @@ def tiny_backbone(model_type: str, seed: int = 0) -> torch.nn.Module:
             )
         )
     elif model_type == "pvt_v2":
-        model = PvtV2Model(PvtV2Config(**_PYRAMID, sr_ratios=[4, 2, 1, 1]))
+        model = PvtV2Model(PvtV2Config(**pyramid, sr_ratios=[4, 2, 1, 1]))
     elif model_type == "segformer":
-        model = SegformerModel(SegformerConfig(**_PYRAMID, sr_ratios=[4, 2, 1, 1]))
+        model = SegformerModel(SegformerConfig(**pyramid, sr_ratios=[4, 2, 1, 1]))
     else:
         raise ValueError(model_type)
     return model.eval()
