@@ -148,7 +148,7 @@ def test_local_folder_round_trip(synthetic, tmp_path):
 
 
 def test_local_folder_errors(synthetic, tmp_path):
-    with pytest.raises(FileNotFoundError, match="images/<id>.jpg"):
+    with pytest.raises(ValueError, match="none of the known layouts.*images/<id>.jpg"):
         load_multitask_dataset("nyud", "train", root=tmp_path)
     split = save_multitask_folder(synthetic, tmp_path, "train", ["semseg", "depth"])
     (split / "depth" / "0.npy").unlink()

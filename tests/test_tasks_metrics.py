@@ -144,3 +144,56 @@ def test_delta_m_hand_computed(tmp_path):
 def test_delta_m_errors(results, baselines, error, match):
     with pytest.raises(error, match=match):
         delta_m(results, baselines)
+
+
+# ---------------------------------------------------------------- the field's saliency mIoU, normals median / RMSE
+# image A: label = top row; image B: label = top-left pixel. No probability sits on a threshold of linspace(.2, .9, 15)
+SAL_IOU_PROB = np.array([[[0.95, 0.52], [0.1, 0.32]], [[0.62, 0.0], [0.0, 0.72]]])
+SAL_IOU_TARGET = np.array([[[1, 1], [0, 0]], [[1, 0], [0, 0]]])
+
+
+def test_saliency_miou_hand_computed():
+    """
+    Per image, mask p > t: A's IoU is 2/3 for t <= .30 (3 predicted pixels), 1 for .35 <= t <= .50, 1/2 above; B's
+    is 1/2 for t <= .60 ({.62, .72} vs one positive), then 0. The image average peaks at (1 + 1/2) / 2 = 75 %.
+    """
+    assert core.saliency_miou(SAL_IOU_PROB, SAL_IOU_TARGET) == pytest.approx(75.0)
+    # B's bottom-right pixel ignored (255): B's IoU is 1 up to t = .60, so the average reaches 100 % at .35 .. .50
+    ignored = SAL_IOU_TARGET.copy()
+    ignored[1, 1, 1] = 255
+    assert core.saliency_miou(SAL_IOU_PROB, ignored) == pytest.approx(100.0)
+    # both empty at every threshold: IoU 1 (ASTMT's jaccard), not 0 / 0
+    assert core.saliency_miou(np.zeros((1, 2, 2)), np.zeros((1, 2, 2))) == pytest.approx(100.0)
+
+
+def test_saliency_meter_reports_miou_streaming():
+    meter = build_meter("saliency")
+    meter.update(SAL_IOU_PROB[:1], SAL_IOU_TARGET[:1])
+    meter.update(SAL_IOU_PROB[1:], SAL_IOU_TARGET[1:])
+    result = meter.compute()
+    assert result["mIoU"] == pytest.approx(75.0)
+    # maxF (beta^2 = .3, p >= t, pooled over both images, 3 positives): best at t in .35 .. .50, where .95, .52,
+    # .62, .72 are predicted, 3 of them right: P = 3/4, R = 1 (F = .661 below, 2/3 at .55 .. .60, .684 above .72)
+    assert result["maxF"] == pytest.approx(100 * 1.3 * 0.75 / (0.3 * 0.75 + 1))
+
+
+def test_normals_median_and_rmse_angle():
+    """Errors 0, 45 and 90 degrees: median 45, RMSE sqrt((0 + 45^2 + 90^2) / 3) = sqrt(3375)."""
+    pred = np.array([[1, 0, 0], [1, 0, 0], [2, 2, 0], [0, 0, 1]], dtype=float).T.reshape(3, 2, 2)
+    target = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=float).T.reshape(3, 2, 2)
+    meter = build_meter("normals")
+    meter.update(pred[None], target[None])
+    result = meter.compute()
+    assert result["median_angular_error"] == pytest.approx(45.0, abs=core.ANGLE_BIN)
+    assert result["rmse_angular_error"] == pytest.approx(math.sqrt(3375))
+
+
+def test_delta_m_with_the_shipped_pascal_baselines():
+    """+10 % semseg, = parts, +20 % saliency mIoU (not maxF: the baseline names mIoU), -10 % normals error -> +10."""
+    results = {
+        "semseg": {"mIoU": 67.21 * 1.1},
+        "human_parts": {"mIoU": 61.93},
+        "saliency": {"maxF": 1.0, "mIoU": 62.35 * 1.2},
+        "normals": {"mean_angular_error": 17.97 * 0.9},
+    }
+    assert delta_m(results, "pascal_context") == pytest.approx(10.0)

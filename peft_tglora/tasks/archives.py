@@ -319,7 +319,7 @@ def nyud_atrc(root: Path) -> Archive:
 
 
 KNOWN_LAYOUTS = (
-    "the project's folder layout (root/<split>/images/ + root/<split>/<task>/, docs/TASKS.md)",
+    "the project's folder layout (root/<split>/images/<id>.jpg + root/<split>/<task>/<id>.png|.npy, docs/TASKS.md)",
     "PASCAL_MT (ImageSets/Context/, JPEGImages/, semseg/, human_parts/, sal_distill/, normals_distill/, pascal-context/)",
     "MTI-Net's NYUD_MT (gt_sets/, images/*.jpg, segmentation/*.png, depth/*.npy, normals/*.npy, edge/*.npy)",
     "ATRC / InvPT's NYUDv2 (gt_sets/, images/*.png, segmentation/*.png, depth/*.npy, normals/*.png, edge/*.png)",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .metrics.core import HIGHER_IS_BETTER
 from .specs import get_task_spec, num_outputs_for
 
 
@@ -76,19 +77,30 @@ def postprocess(task: str, output: torch.Tensor) -> torch.Tensor:
     return get_task_spec(task).postprocess(output)
 
 
+BASELINES = Path(__file__).parent / "baselines"  # shipped single-task numbers, by dataset name
+
+
 def _read_baselines(baselines: Mapping | str | os.PathLike) -> Mapping:
     if isinstance(baselines, Mapping):
         return baselines
-    path = Path(baselines)
+    shipped = BASELINES / f"{baselines}.json"
+    path = shipped if isinstance(baselines, str) and shipped.is_file() else Path(baselines)
     if not path.is_file():
         raise FileNotFoundError(f"Baseline file {str(path)!r} does not exist; give a JSON file or a dict.")
     with path.open() as f:
         return json.load(f)
 
 
-def _metric_value(values, task: str, where: str) -> float:
-    """Accept `{"mIoU": 67.2, ...}` (the task's primary metric is read) or a bare number."""
-    metric = get_task_spec(task).metric
+def _baseline_metric(baseline, task: str) -> str:
+    """The metric a baseline names (`{"saliency": {"mIoU": 62.35}}`: the field's saliency mIoU), else the primary."""
+    if isinstance(baseline, Mapping) and len(baseline) == 1 and next(iter(baseline)) in HIGHER_IS_BETTER:
+        return next(iter(baseline))
+    return get_task_spec(task).metric
+
+
+def _metric_value(values, task: str, where: str, metric: str | None = None) -> float:
+    """Accept `{"mIoU": 67.2, ...}` (`metric`, by default the task's primary metric, is read) or a bare number."""
+    metric = metric or get_task_spec(task).metric
     if isinstance(values, Mapping):
         if metric not in values:
             raise KeyError(
@@ -112,8 +124,11 @@ def delta_m(
     Args:
         results (`dict`):
             Per task, the metric dict returned by the task's meter / `evaluate` module, or the primary metric alone.
-        baselines (`dict` or path to a JSON file):
+        baselines (`dict`, path to a JSON file, or the name of a shipped file such as `"pascal_context"`):
             Same shape as `results`, e.g. `{"semseg": {"mIoU": 67.21}, "normals": {"mean_angular_error": 17.97}}`.
+            A task whose baseline holds one other metric key (e.g. saliency `{"mIoU": 62.35}`, the field's number)
+            is compared on that key, with its direction from `metrics.core.HIGHER_IS_BETTER`.
+            `peft_tglora/tasks/baselines/pascal_context.json` holds the paper's PASCAL single-task numbers.
             Keys starting with `_` (e.g. `"_source"`) are ignored, so a file can say where its numbers come from.
         tasks (`list[str]`, *optional*):
             Tasks to average over; defaults to every task in `results`.
@@ -128,9 +143,13 @@ def delta_m(
             raise KeyError(f"results has no entry for task {task!r}; it has {sorted(results)}.")
         if task not in baselines:
             raise KeyError(f"The baselines have no entry for task {task!r}; they have {sorted(baselines)}.")
-        m, b = _metric_value(results[task], task, "results"), _metric_value(baselines[task], task, "baselines")
+        metric = _baseline_metric(baselines[task], task)
+        m, b = (
+            _metric_value(results[task], task, "results", metric),
+            _metric_value(baselines[task], task, "baselines", metric),
+        )
         if b == 0:
             raise ValueError(f"The baseline of {task!r} is 0, so a relative gain is undefined.")
-        sign = 1.0 if get_task_spec(task).higher_is_better else -1.0
+        sign = 1.0 if HIGHER_IS_BETTER.get(metric, get_task_spec(task).higher_is_better) else -1.0
         total += sign * (m - b) / b
     return 100.0 * total / len(tasks)

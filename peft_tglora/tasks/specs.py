@@ -16,7 +16,7 @@ import torch
 
 from . import labels, losses, outputs
 from .labels import IGNORE_INDEX
-from .metrics.core import RMSE, MaxF, MeanAngularError, MeanIoU
+from .metrics.core import RMSE, MaxF, MeanAngularError, MeanIoU, SaliencyMeter
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ TASKS: dict[str, TaskSpec] = {
     # score it with maxF at beta^2 = 0.3
     "saliency": TaskSpec(
         "saliency", "binary", 1, labels.decode_binary_map, (".png",), CLASS_MAP,
-        losses.balanced_bce, "maxF", True, lambda _: MaxF(beta_squared=0.3), outputs.probabilities, outputs.grey,
+        losses.balanced_bce, "maxF", True, lambda _: SaliencyMeter(), outputs.probabilities, outputs.grey,
     ),
     "normals": TaskSpec(
         "normals", "regression", 3, labels.decode_normals, (".npy", ".png"), NORMALS_MAP,

@@ -19,8 +19,13 @@ Conventions (each one a choice; the tests pin them):
   beta (F1 of per-image-averaged precision and recall over thresholds linspace(0.2, 0.9, 15)); numbers copied from
   a paper are only comparable under the same definition. Edges use the same function with b2 = 1 as a pixel-exact
   proxy of ODS-F (the published edge metric, with matching tolerance, needs the SEISM toolbox).
+- saliency mIoU (the saliency number of the field's Δm tables: ASTMT / MTI-Net / MTLoRA `eval_sal`, "mIoU"): for each
+  threshold t in linspace(0.2, 0.9, 15) a pixel is positive when p > t; each image's IoU with the label (1 when both
+  are empty; 255 pixels left out) is averaged over images, and the maximum over thresholds is reported, in percent.
+  `SaliencyMeter` reports it as `"mIoU"` next to `"maxF"`.
 - mean angular error (normals): angle in degrees between the unit-normalised prediction and the unit label, averaged
-  over pixels whose label vector is nonzero; the fraction of pixels under 11.25, 22.5 and 30 degrees also reported.
+  over pixels whose label vector is nonzero; the fraction of pixels under 11.25, 22.5 and 30 degrees, the median
+  (from a 0.001-degree histogram, so exact to 0.001 degrees) and the RMSE of the angle are also reported.
 - RMSE (depth): sqrt of the mean squared error over pixels with label depth > 0, in the label's unit (metres).
 """
 
@@ -30,7 +35,16 @@ import numpy as np
 
 
 SALIENCY_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+SALIENCY_IOU_THRESHOLDS = np.linspace(0.2, 0.9, 15)  # ASTMT's eval_sal mask thresholds
 ANGLE_THRESHOLDS = (11.25, 22.5, 30.0)
+ANGLE_BIN = 0.001  # degrees per bin of the angular-error histogram behind the streaming median
+
+HIGHER_IS_BETTER = {
+    # the direction of every metric key the meters report, for Δm over any of them (the reference's table: mIoU,
+    # maxF, odsF and the within-x% up; angular errors and depth RMSE down)
+    "mIoU": True, "maxF": True, "within_11.25": True, "within_22.5": True, "within_30.0": True,
+    "mean_angular_error": False, "median_angular_error": False, "rmse_angular_error": False, "rmse": False,
+}  # fmt: skip
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -105,6 +119,27 @@ def max_f(
 ) -> float:
     """Dataset-level maxF in percent of probabilities in [0, 1] against binary labels (255 ignored)."""
     return max_f_from_counts(*saliency_counts(probabilities, target, thresholds, ignore_index), beta_squared)
+
+
+def saliency_image_ious(probabilities, target, thresholds=SALIENCY_IOU_THRESHOLDS, ignore_index: int | None = 255):
+    """`[B, T]` IoU of each image's mask `p > t` with its label per threshold; 1 where both are empty (ASTMT)."""
+    p, y = _as_numpy(probabilities).astype(np.float64), _as_numpy(target)
+    _check_same_shape(p, y, "saliency_image_ious")
+    p, y = p.reshape(-1, *p.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+    valid = np.ones(y.shape, dtype=bool) if ignore_index is None else y != ignore_index
+    positive = (y > 0.5) & valid  # [B, H, W]
+    out = np.empty((len(p), len(thresholds)))
+    for j, t in enumerate(thresholds):
+        mask = (p > t) & valid
+        inter = (mask & positive).sum((1, 2))
+        union = (mask | positive).sum((1, 2))
+        out[:, j] = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return out
+
+
+def saliency_miou(probabilities, target, thresholds=SALIENCY_IOU_THRESHOLDS, ignore_index: int | None = 255) -> float:
+    """Saliency mIoU in percent: max over thresholds of the image-averaged IoU (the field's Δm tables)."""
+    return float(saliency_image_ious(probabilities, target, thresholds, ignore_index).mean(0).max() * 100)
 
 
 # ---------------------------------------------------------------- normals
@@ -186,23 +221,58 @@ class MaxF:
         return {"maxF": max_f_from_counts(self.true_pos, self.pred_pos, self.actual_pos, self.beta_squared)}
 
 
+class SaliencyMeter(MaxF):
+    """Streaming saliency metrics: `maxF` (beta^2 = 0.3, dataset-level counts) and the field's `mIoU` (per image)."""
+
+    def __init__(self, beta_squared: float = 0.3, ignore_index: int | None = 255):
+        super().__init__(beta_squared=beta_squared, ignore_index=ignore_index)
+        self.iou_sum, self.images = np.zeros(len(SALIENCY_IOU_THRESHOLDS)), 0
+
+    def update(self, probabilities, target) -> None:
+        super().update(probabilities, target)
+        ious = saliency_image_ious(probabilities, target, ignore_index=self.ignore_index)
+        self.iou_sum += ious.sum(0)
+        self.images += len(ious)
+
+    def compute(self) -> dict[str, float]:
+        miou = float((self.iou_sum / self.images).max() * 100) if self.images else float("nan")
+        return super().compute() | {"mIoU": miou}
+
+
 class MeanAngularError:
-    """Streaming mean angular error (degrees) and the percentage of valid pixels within 11.25 / 22.5 / 30 degrees."""
+    """
+    Streaming angular error of normals (degrees): mean, median, RMSE, and the percentage of valid pixels within
+    11.25 / 22.5 / 30 degrees. The median comes from a histogram of `ANGLE_BIN`-wide bins (exact to that width).
+    """
 
     def __init__(self):
-        self.total, self.count = 0.0, 0
+        self.total, self.squares, self.count = 0.0, 0.0, 0
         self.within = np.zeros(len(ANGLE_THRESHOLDS))
+        self.histogram = np.zeros(round(180 / ANGLE_BIN) + 1, dtype=np.int64)
 
     def update(self, prediction, target) -> None:
         errors = angular_errors(prediction, target)
         self.total += float(errors.sum())
+        self.squares += float((errors**2).sum())
         self.count += errors.size
         self.within += [(errors < a).sum() for a in ANGLE_THRESHOLDS]
+        bins = np.minimum((errors / ANGLE_BIN).astype(np.int64), len(self.histogram) - 1)
+        self.histogram += np.bincount(bins, minlength=len(self.histogram))
+
+    def _median(self) -> float:
+        """Interpolated within the bin holding the middle error, as if errors were spread evenly across it."""
+        cumulative = np.cumsum(self.histogram)
+        half = self.count / 2
+        k = int(np.searchsorted(cumulative, half))
+        before = cumulative[k - 1] if k else 0
+        return (k + (half - before) / self.histogram[k]) * ANGLE_BIN
 
     def compute(self) -> dict[str, float]:
+        keys = ["mean_angular_error", "median_angular_error", "rmse_angular_error"]
         if not self.count:
-            return {"mean_angular_error": float("nan")} | {f"within_{a}": float("nan") for a in ANGLE_THRESHOLDS}
-        out = {"mean_angular_error": self.total / self.count}
+            return dict.fromkeys(keys, float("nan")) | {f"within_{a}": float("nan") for a in ANGLE_THRESHOLDS}
+        values = [self.total / self.count, self._median(), float(np.sqrt(self.squares / self.count))]
+        out = dict(zip(keys, values))
         out.update({f"within_{a}": float(w / self.count * 100) for a, w in zip(ANGLE_THRESHOLDS, self.within)})
         return out
 
