@@ -136,7 +136,12 @@ class BudgetSearch:
     @property
     def best(self) -> TreeCost | None:
         """The most task-specific tree within budget (ties: fewer MACs, then fewer parameters); None if none fits."""
-        return next((c for c in self.candidates if self.fits(c)), None)
+        fitting = [c for c in self.candidates if self.fits(c)]
+        return min(fitting, key=_preference) if fitting else None
+
+
+def _preference(cost: TreeCost) -> tuple:
+    return (-cost.specificity, cost.macs, cost.params, cost.groups_per_stage)
 
 
 # ---------------------------------------------------------------------------------------------- building the model
@@ -383,7 +388,7 @@ def trees_within_budget(
                 head_macs=last.head_macs,  # `ops` stays empty: it is measured per forward, not per stage
             )
         )
-    candidates.sort(key=lambda c: (-c.specificity, c.macs, c.params, c.groups_per_stage))
+    candidates.sort(key=_preference)
     return BudgetSearch(tuple(candidates), budget_params, budget_macs, merged)
 
 
