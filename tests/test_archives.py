@@ -297,3 +297,41 @@ def test_two_training_steps_on_each_archive(tmp_path, archive):
     assert results["steps"] == 2
     expected = PASCAL_TASKS[:4] if archive == "PASCAL_MT" else NYUD_TASKS  # the data set's default tasks
     assert sorted(results["metrics"]) == sorted(expected)
+
+
+# ---------------------------------------------------------------- the reference augmentation
+def test_scale_rotate_pads_with_each_rule_and_scales_depth():
+    """Scale 1/2 on a 4x4 canvas: the centre 2x2 samples source pixels 0 and 2 of each axis, the ring is filled."""
+    from peft_tglora.tasks.transforms import RandomScaleRotate
+
+    sample = {"image": torch.rand(3, 4, 4), "semseg": torch.arange(16).view(4, 4), "depth": torch.full((4, 4), 2.0)}
+    out = RandomScaleRotate(scales=[0.5], rotations=[0.0])(sample)
+    semseg = torch.full((4, 4), 255)
+    semseg[1:3, 1:3] = torch.tensor([[0, 2], [8, 10]])
+    assert torch.equal(out["semseg"], semseg)  # 255 = ignored outside the source, not the reference's 0
+    depth = torch.zeros(4, 4)
+    depth[1:3, 1:3] = 4.0  # 2 m / scale 0.5, as the reference divides depth by the scale; 0 = invalid outside
+    assert torch.equal(out["depth"], depth)
+
+
+def test_scale_rotate_turns_maps_and_normals_by_the_same_angle():
+    """90 degrees counter-clockwise: the class map as np.rot90; normal (1, 0, 0) -> (sin(pi), cos(pi), 0) = (0, -1, 0)
+    by the reference's in-plane rule (angle atan2(x, y) plus the rotation)."""
+    from peft_tglora.tasks.transforms import RandomScaleRotate
+
+    normals = torch.zeros(3, 4, 4)
+    normals[0] = 1.0
+    sample = {"image": torch.rand(3, 4, 4), "semseg": torch.arange(16).view(4, 4), "normals": normals}
+    out = RandomScaleRotate(scales=[1.0], rotations=[90.0])(sample)
+    assert torch.equal(out["semseg"], torch.from_numpy(np.rot90(np.arange(16).reshape(4, 4)).copy()))
+    expected = torch.tensor([0.0, -1.0, 0.0]).view(3, 1, 1).expand(3, 4, 4)
+    assert torch.allclose(out["normals"], expected, atol=1e-6)
+
+
+def test_reference_augmentation_is_the_default_of_pascal_and_nyud_only():
+    from peft_tglora.tasks.transforms import reference_augmentation
+
+    (pascal,), (nyud,) = reference_augmentation("pascal_context"), reference_augmentation("nyud")
+    assert (pascal.scales, pascal.rotations) == ((0.75, 1.25), (-20.0, 20.0))
+    assert (nyud.scales, nyud.rotations) == ([1.0, 1.2, 1.5], [0.0])
+    assert reference_augmentation("synthetic") == []

@@ -215,11 +215,13 @@ def build_dataloaders(
     num_workers: int = 0,
     seed: int = 0,
     crop: int | Sequence[int] | None = None,
+    augment: Sequence = (),
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """
     Train and eval loaders over `datasets.Dataset`s from `load_multitask_dataset`.
 
-    Training resizes to `image_size` (then random-crops to `crop` if given), flips at random and normalises; its
+    Training resizes to `image_size`, applies `augment` (e.g. `transforms.reference_augmentation("pascal_context")`,
+    the field's random scale and rotation), random-crops to `crop` if given, flips at random and normalises; its
     shuffling is seeded by `seed`, and so is augmentation when `num_workers > 0` (else it follows `torch.manual_seed`). Evaluation resizes and normalises, so its metrics are computed at
     `image_size`, not at each image's original size.
     """
@@ -227,7 +229,7 @@ def build_dataloaders(
 
     generator = torch.Generator().manual_seed(seed)
     train = torch.utils.data.DataLoader(
-        MultiTaskDataset(train_dataset, tasks, train_transforms(image_size, crop=crop)),
+        MultiTaskDataset(train_dataset, tasks, train_transforms(image_size, crop=crop, augment=augment)),
         batch_size=batch_size,
         shuffle=True,
         drop_last=len(train_dataset) > batch_size,

@@ -132,6 +132,8 @@ class DatasetSpec:
         num_classes (`dict[str, int]`): Classes of each classification task, background included.
         loss_weights (`dict[str, float]`): Default weight of each task in the summed multi-task loss.
         splits (`tuple[str, ...]`): Split names of the standard multi-task partition.
+        augmentation (`dict`, *optional*): `transforms.RandomScaleRotate` arguments of the field's training recipe for
+            this data set (`transforms.reference_augmentation`); `None` for none.
     """
 
     name: str
@@ -139,6 +141,7 @@ class DatasetSpec:
     num_classes: dict[str, int]
     loss_weights: dict[str, float]
     splits: tuple[str, ...] = ("train", "val")
+    augmentation: dict | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -149,6 +152,8 @@ DATASETS: dict[str, DatasetSpec] = {
         ("semseg", "human_parts", "saliency", "normals"),
         {"semseg": 21, "human_parts": 7},
         {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edges": 50.0},
+        # MTI-Net / MTLoRA's PASCAL training: scale uniform in [0.75, 1.25], rotation uniform in [-20, 20] degrees
+        augmentation={"scales": (0.75, 1.25), "rotations": (-20.0, 20.0)},
     ),
     # NYUD-v2 as in MTI-Net: 795 train, 654 val; 40 semantic classes (NYU-40; unlabelled pixels are IGNORE_INDEX).
     # Weights: semseg 1 and depth 1 as in MTI-Net's NYUD configs; normals 10 and edges 50 carried over from PASCAL.
@@ -157,6 +162,8 @@ DATASETS: dict[str, DatasetSpec] = {
         ("semseg", "depth", "normals", "edges"),
         {"semseg": 40},
         {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edges": 50.0},
+        # MTI-Net's NYUD training: scale one of 1, 1.2, 1.5, no rotation (depth divided by the scale)
+        augmentation={"scales": [1.0, 1.2, 1.5], "rotations": [0.0]},
     ),
     # camvid_mt (shared/data/camvid_mt/README.md): CamVid street frames at 160x120, 11 classes, 367 train / 101 val.
     # Weights put the losses at initialisation on one scale (computed by hand from the folder's stats_train.json):

@@ -12,12 +12,13 @@ built with from `seed`), so a seeded pipeline repeats exactly; without one it us
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .specs import IMAGE_MAP, TASKS, MapRule
+from .specs import IMAGE_MAP, TASKS, MapRule, get_dataset_spec
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -124,6 +125,71 @@ class RandomHorizontalFlip:
         return out
 
 
+class RandomScaleRotate:
+    """
+    Zoom and rotate every map about its centre on a canvas of the same size (the field's `ScaleNRotate`, as in
+    ASTMT / MTI-Net / MTLoRA `custom_transforms.py`): a scale above 1 crops, below 1 pads, each map sampled by its
+    rule (nearest for class maps and depth, bilinear for the image and normals) and filled by its rule outside the
+    source (255 = ignore for class maps, where the reference's warpAffine writes 0 = background). Normals' in-plane
+    (x, y) component turns with the image and depth is divided by the scale, as in the reference.
+
+    Args:
+        scales (`tuple[float, float]` or `list[float]`): A range to draw uniformly from, or values to choose from.
+        rotations (`tuple[float, float]` or `list[float]`): Degrees, counter-clockwise, likewise.
+    """
+
+    def __init__(self, scales=(0.75, 1.25), rotations=(-20.0, 20.0)):
+        for name, v in (("scales", scales), ("rotations", rotations)):
+            if not isinstance(v, (tuple, list)) or not v or (isinstance(v, tuple) and len(v) != 2):
+                raise ValueError(f"{name} must be a (low, high) tuple or a non-empty list of values, got {v!r}.")
+        if min(scales) <= 0:
+            raise ValueError(f"scales must be positive, got {scales!r}.")
+        self.scales, self.rotations = scales, rotations
+
+    @staticmethod
+    def _draw(values, generator) -> float:
+        if isinstance(values, tuple):
+            return values[0] + (values[1] - values[0]) * float(torch.rand((), generator=generator))
+        return float(values[int(torch.randint(len(values), (), generator=generator))])
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        scale, degrees = self._draw(self.scales, generator), self._draw(self.rotations, generator)
+        if scale == 1.0 and degrees == 0.0:
+            return dict(sample)
+        h, w = _size(sample)
+        a = math.radians(degrees)
+        cos, sin = math.cos(a) / scale, math.sin(a) / scale
+        # output -> source in normalised coordinates: the inverse of "rotate by a, zoom by scale" in pixel units
+        theta = torch.tensor([[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=torch.float32)
+        grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
+        inside = F.grid_sample(torch.ones(1, 1, h, w), grid, mode="nearest", align_corners=False)[0, 0] > 0
+        out = dict(sample)
+        for key, x, rule in _maps(sample):
+            y = x[None, None].float() if x.ndim == 2 else x[None].float()
+            if rule.interpolation == "normals":
+                nx, ny = y[:, 0], y[:, 1]  # the reference turns (x, y) by the image's angle
+                angle, radius = torch.atan2(nx, ny) + a, torch.sqrt(nx**2 + ny**2)
+                y = torch.stack([torch.sin(angle) * radius, torch.cos(angle) * radius, y[:, 2]], 1)
+                valid = F.grid_sample((y.abs().sum(1, keepdim=True) > 0).float(), grid, "nearest", align_corners=False)
+                y = F.normalize(F.grid_sample(y, grid, "bilinear", align_corners=False), dim=1) * valid
+            else:
+                y = F.grid_sample(
+                    y, grid, "nearest" if rule.interpolation == "nearest" else "bilinear", align_corners=False
+                )
+            y = torch.where(inside, y, torch.full_like(y, rule.fill))[0]
+            y = y[0] if x.ndim == 2 else y
+            if key == "depth":
+                y = y / scale
+            out[key] = y.to(x.dtype) if not x.is_floating_point() else y
+        return out
+
+
+def reference_augmentation(dataset: str) -> list:
+    """The random scale / rotation the field trains `dataset` with (its `DatasetSpec.augmentation`), or `[]`."""
+    augmentation = get_dataset_spec(dataset).augmentation
+    return [RandomScaleRotate(**augmentation)] if augmentation else []
+
+
 class Normalize:
     """Standardise `"image"` per channel and store it as `"pixel_values"` (the key backbones take)."""
 
@@ -152,10 +218,18 @@ class Compose:
 
 
 def train_transforms(
-    image_size: int | Sequence[int], *, crop: int | Sequence[int] | None = None, seed: int | None = None, **norm
+    image_size: int | Sequence[int],
+    *,
+    crop: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    augment: Sequence = (),
+    **norm,
 ) -> Compose:
-    """Resize to `image_size`, optionally random-crop to `crop`, random flip, normalise."""
-    steps = [Resize(image_size)] + ([RandomCrop(crop)] if crop is not None else [])
+    """
+    Resize to `image_size`, then `augment` (e.g. `reference_augmentation(dataset)`), optionally random-crop to
+    `crop`, random flip, normalise.
+    """
+    steps = [Resize(image_size), *augment] + ([RandomCrop(crop)] if crop is not None else [])
     return Compose([*steps, RandomHorizontalFlip(0.5), Normalize(**norm)], seed=seed)
 
 
