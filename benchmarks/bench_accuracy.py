@@ -1,0 +1,296 @@
+"""Accuracy benchmark (issue 11, items 4-5): does TGLoRA beat shared and per-task LoRA on real images?
+
+Every variant trains LoRA-style adapters and the same light heads on one frozen backbone pretrained on CIFAR-10
+(`pretrain_backbone.py`), with one recipe, on camvid_mt (367 train / 101 val CamVid frames at 120x160, four tasks:
+semseg, edges, saliency, edge_texture). Val shares a sequence (0016E5) with 204 train frames, so val scores are
+optimistic; `evaluate` re-scores the saved runs on any split in the same layout (the held-out test split).
+
+    python benchmarks/bench_accuracy.py run             # the whole benchmark, <= 45 min on an idle 2-core CPU
+    python benchmarks/bench_accuracy.py run --quick     # one variant pair, a few steps on 16 frames (CI)
+    python benchmarks/bench_accuracy.py report          # rebuild table, verdicts and plot from the saved JSON
+    python benchmarks/bench_accuracy.py evaluate --eval_root DIR --eval_split test
+
+Each run is a worker process (`worker JSON`, one torch thread), two at a time. The protocol below is fixed before the
+real run; the decision rules are in `accuracy_report.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO / ".." / "shared" / "data" / "camvid_mt"
+OUT = REPO / "benchmarks" / "results" / "accuracy"
+TASKS = ["semseg", "edges", "saliency", "edge_texture"]
+
+# The recipe, the same for every variant. Taken from the demo preset of examples/train_tglora.py (the tiny backbone's
+# settings), not tuned on these data; loss weights are camvid's DatasetSpec defaults, which put the four losses on one
+# scale at initialisation (each worker records its measured initial losses in its JSON: `init_losses`).
+RECIPE = dict(
+    image_size=[120, 160], batch_size=8, epochs=8, learning_rate=2e-3, weight_decay=0.05, warmup_ratio=0.05,
+    max_grad_norm=5.0, head_width=8, head_hidden=128, head_kernel=1, head_norm="batch", eval_batch_size=16,
+)  # fmt: skip
+# Equal adapter parameters with the tuner's count on tiny-swin: shared r=20 and per-task r=5 both 345,600,
+# tree 1,1,2,4 r=7 346,752 (+0.3 %). Stage widths double, so a stage's LoRA costs 1, 2, 4, 8 units: 15 r, 60 r, 43 r.
+RANKS = dict(shared=20, per_task=5, tree=7)
+EQUAL_RANK = 7  # the equal-rank arm: every variant at r=7 (the tree's runs serve both arms)
+SEEDS = [0, 1, 2]  # key variants; the 6 other partitions, equal-rank runs and sanity rows get seed 0 only
+SIMILARITY = dict(seeds=[0, 1, 2], num_batches=8, head_warmup_steps=20, head_warmup_lr=1e-3)
+QUICK = dict(train_frames=16, eval_frames=8, max_steps=2, similarity_batches=2, similarity_warmup=1)
+
+
+def slug(name: str, seed: int) -> str:
+    return re.sub(r"[^A-Za-z0-9+_-]+", "_", name).strip("_") + f"-s{seed}"
+
+
+def plan(similarity_partition=None, quick: bool = False) -> list[dict]:
+    """
+    The runs in the order they start. Without `similarity_partition`: the key runs (per-task, shared, the Δm
+    reference, the 7 partitions with seed 0), which need no similarity; with it: tglora_sim's seeds 1-2, then the
+    equal-rank and sanity rows, so that the rows the verdicts need finish first.
+    """
+    from accuracy_report import partition_label, tree_for_partition, two_group_partitions
+
+    def job(name, variant, arm, groups, r, seed, tasks=TASKS):
+        return dict(kind="train", name=name, variant=variant, arm=arm, tasks=list(tasks), task_groups=groups,
+                    r=r, seed=seed)  # fmt: skip
+
+    def partition_job(partition):
+        tree = tree_for_partition(TASKS, partition)
+        return job(f"partition {partition_label(partition)}", "partition", "equal params", tree, RANKS["tree"], 0)
+
+    if quick:  # two variants: shared LoRA and one tree
+        return [] if similarity_partition else [
+            job("shared", "shared", "equal params", "shared", RANKS["shared"], 0),
+            partition_job(two_group_partitions(TASKS)[0]),
+        ]  # fmt: skip
+    if similarity_partition is not None:  # the similarity's tree: its seed 0 is its partition run
+        tree = tree_for_partition(TASKS, similarity_partition)
+        jobs = [job("tglora_sim", "tglora_sim", "equal params", tree, RANKS["tree"], s) for s in SEEDS[1:]]
+        jobs += [job(f"per_task r{EQUAL_RANK}", "per_task", "equal rank", "per_task", EQUAL_RANK, 0)]
+        jobs += [job(f"shared r{EQUAL_RANK}", "shared", "equal rank", "shared", EQUAL_RANK, 0)]
+        jobs += [job("sanity: random backbone", "random_backbone", "sanity", "shared", RANKS["shared"], 0)]
+        return jobs + [job("sanity: heads only", "heads_only", "sanity", "shared", 1, 0)]
+    jobs = [job("per_task", "per_task", "equal params", "per_task", RANKS["per_task"], s) for s in SEEDS]
+    jobs += [job("shared", "shared", "equal params", "shared", RANKS["shared"], s) for s in SEEDS]
+    for task in TASKS:  # the Δm reference: one task, shared LoRA at the shared rank
+        jobs += [job(f"single_task {task}", "single_task", "reference", "shared", RANKS["shared"], s, tasks=[task])
+                 for s in SEEDS]  # fmt: skip
+    return jobs + [partition_job(p) for p in two_group_partitions(TASKS)]
+
+
+# ----------------------------------------------------------------------------------------------------- scheduling
+def launch(job: dict, out: Path) -> dict:
+    """Run one job in a single-threaded worker process; returns its summary (or the error and the log's tail)."""
+    name = "similarity" if job["kind"] == "similarity" else slug(job["name"], job["seed"])
+    summary = out / f"{name}.json"
+    if job.get("resume") and summary.exists():  # finished by an earlier, interrupted call
+        return json.loads(summary.read_text())
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(
+            [sys.executable, __file__, "worker", json.dumps(job)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
+        ).returncode
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: rc {rc}, {time.perf_counter() - start:.0f} s", flush=True)
+    if rc != 0 or not summary.exists():
+        return {"name": name, "error": rc, "log_tail": log.read_text()[-2000:]}
+    return json.loads(summary.read_text())
+
+
+def run_all(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(backbone=str(resolve_backbone(args.backbone, out)), data_root=str(args.data_root), out=str(out),
+                  quick=args.quick, resume=args.resume, recipe=dict(RECIPE, epochs=args.epochs or RECIPE["epochs"]))  # fmt: skip
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        if args.quick:  # in this process beside the two workers: one round of process start-ups instead of two
+            futures = [pool.submit(launch, dict(job, **common), out) for job in plan(quick=True)]
+            sim = similarity_inline(dict(kind="similarity", **common), out)
+        else:
+            similarity = pool.submit(launch, dict(kind="similarity", **common), out)
+            futures = [pool.submit(launch, dict(job, **common), out) for job in plan()]
+            sim = similarity.result()
+        if "error" in sim:
+            raise RuntimeError(f"The similarity worker failed:\n{sim['log_tail']}")
+        partition = sim["partition"]
+        futures += [pool.submit(launch, dict(job, **common), out) for job in plan(partition, quick=args.quick)]
+        failed = [r for r in (f.result() for f in futures) if "error" in r]
+    wall = time.perf_counter() - start
+    (out / "wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "quick": args.quick}) + "\n")
+    print(f"wall time {wall / 60:.1f} min; {len(failed)} failed runs")
+    for r in failed:
+        print(f"FAILED {r['name']}:\n{r['log_tail']}")
+    report(out, quick=args.quick, results_md=None if args.quick else REPO / "benchmarks" / "RESULTS.md")
+
+
+def similarity_inline(job: dict, out: Path) -> dict:
+    import torch
+    from bench_accuracy_worker import similarity_run
+
+    torch.set_num_threads(1)
+    summary = similarity_run(job)
+    (out / "similarity.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def resolve_backbone(name: str, out: Path) -> Path:
+    """A `save_pretrained` folder: given as a path, the cached `pretrain_backbone.py` backbone, or a random stand-in."""
+    if Path(name).is_dir():
+        return Path(name).resolve()
+    if name == "random-tiny-swin":  # a stand-in for --quick and tests: no dependency on the pretraining
+        import torch
+        from transformers import SwinConfig, SwinModel
+
+        folder = out / "random-tiny-swin"
+        if not (folder / "config.json").exists():  # the demo's tiny Swin (embed 32, depths 2-2-2-2, window 2)
+            torch.manual_seed(0)
+            config = SwinConfig(
+                image_size=64, patch_size=4, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=2
+            )
+            SwinModel(config).save_pretrained(folder)
+        return folder.resolve()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pretrain_backbone import cache_root, make_recipe, recipe_hash
+
+    folder = cache_root() / "backbones" / f"{name}-{recipe_hash(make_recipe(name))}"
+    if not (folder / "pretrain.json").exists():
+        raise FileNotFoundError(
+            f"No pretrained {name!r} in {folder}; run `python benchmarks/pretrain_backbone.py --backbone {name}` first "
+            "(about 15 CPU-minutes), or pass --backbone PATH to a save_pretrained folder."
+        )
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------- reporting
+def load_runs(out: Path) -> tuple[list[dict], dict | None]:
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    similarity = next((r for r in runs if r.get("kind") == "similarity"), None)
+    return [r for r in runs if r.get("kind") == "train"], similarity
+
+
+def assemble(runs: list[dict], similarity: dict | None) -> list[dict]:
+    """The similarity's partition ran with seed 0 as a partition row: it is also tglora_sim's seed-0 run."""
+    if similarity is not None:
+        for run in list(runs):
+            if run["name"] == similarity["row_name"] and run["seed"] == 0:
+                runs.append(dict(run, name="tglora_sim", variant="tglora_sim"))
+    order = ["reference", "equal params", "equal rank", "sanity"]
+    return sorted(runs, key=lambda r: (order.index(r["arm"]), r["variant"] == "partition", r["name"], r["seed"]))
+
+
+def report(out: Path, quick: bool = False, results_md: Path | None = None, title: str = "val") -> dict:
+    import accuracy_report as rep
+
+    runs, similarity = load_runs(out)
+    runs = assemble(runs, similarity)
+    if quick:  # no single-task runs in --quick: Δm against the shared run, only to exercise the code path
+        reference = {t: {rep.get_task_spec(t).metric: next(r for r in runs if r["name"] == "shared")["metrics"][t][
+            rep.get_task_spec(t).metric]} for t in TASKS}  # fmt: skip
+        for run in runs:
+            run["delta_m"] = rep.delta_m(run["metrics"], reference, TASKS)
+        reference = {t: dict(m, n_seeds=1) for t, m in reference.items()}
+    else:
+        reference = rep.add_delta_m(runs, TASKS)
+    result = rep.verdicts(runs, similarity)
+    table = rep.markdown(runs, TASKS, reference, result)
+    wall = json.loads((out / "wall.json").read_text()) if (out / "wall.json").exists() else {}
+    if similarity is not None:
+        table += (
+            f"\n\nSimilarity's partition: {similarity['row_name']} (per seed: "
+            f"{'; '.join(similarity['seed_partitions'])}; stable: {similarity['stable']})."
+        )
+    if wall:
+        table += f" Benchmark wall time: {wall['wall_s'] / 60:.1f} min."
+    print(table)
+    (out / f"summary_{title}.json").write_text(json.dumps(dict(result, reference=reference), indent=2) + "\n")
+    rep.plot(
+        runs,
+        result,
+        out / f"accuracy_{title}.png" if quick or title != "val" else REPO / "benchmarks" / "accuracy.png",
+    )
+    if results_md is not None:
+        section = "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"
+        text = results_md.read_text()
+        text = text.split("\n" + section)[0].rstrip("\n")  # this section is always the last one: replace it
+        results_md.write_text(f"{text}\n\n{section}\n\n{PROTOCOL}\n\n{table}\n")
+    return result
+
+
+PROTOCOL = """\
+`python benchmarks/bench_accuracy.py run` (camvid_mt train 367 frames → val 101 frames, 120x160; val shares sequence
+0016E5 with 204 train frames, so these are optimistic val scores; the hidden test split is scored with `evaluate`).
+Frozen tiny-swin (2.3M parameters, embed 32, depths 2-2-2-2) pretrained on CIFAR-10 at 64 px
+(`pretrain_backbone.py`); the recipe (`RECIPE` in the script: AdamW lr 2e-3, cosine with 5 % warm-up, batch 8, 8
+epochs, heads of width 8 / fusion 128, camvid's default loss weights) comes from the demo preset, was not tuned on
+these data, and is the same for every row. Equal-parameter arm: shared r=20, per-task r=5, trees 1,1,2,4 r=7
+(adapter parameters counted by the tuner). Equal-rank arm: every variant at r=7. Δm is against single-task LoRA
+(one task, shared r=20, same recipe), the mean over its seeds. Single-threaded workers, two at a time. Scale
+caveats: a 2.3M-parameter backbone pretrained on CIFAR, 160x120 frames, three of the four tasks derived from one
+label map; these results say nothing about Swin-T on PASCAL-Context."""
+
+
+def evaluate_saved(args) -> None:
+    """Re-score every saved run on `--eval_split` of `--eval_root` and rebuild the report for that split."""
+    from bench_accuracy_worker import score_saved
+
+    runs_out = Path(args.out)
+    target = runs_out / f"eval_{args.eval_split}"
+    target.mkdir(parents=True, exist_ok=True)
+    runs, similarity = load_runs(runs_out)
+    for run in runs:
+        folder = runs_out / "runs" / slug(run["name"], run["seed"])
+        metrics = score_saved(folder, args.eval_root, args.eval_split, quick=args.quick)
+        (target / f"{slug(run['name'], run['seed'])}.json").write_text(json.dumps(dict(run, metrics=metrics)) + "\n")
+    if similarity is not None:
+        (target / "similarity.json").write_text(json.dumps(similarity) + "\n")
+    report(target, quick=args.quick, title=args.eval_split)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["run", "report", "evaluate", "worker"])
+    p.add_argument("job", nargs="?", help="worker only: the job as JSON")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: two variants, 2 steps, 16 frames, one seed")
+    p.add_argument(
+        "--out", default=None, help=f"results folder (default {OUT.relative_to(REPO)}, or a runs/ folder with --quick)"
+    )
+    p.add_argument("--backbone", default="tiny-swin", help="pretrain_backbone.py name, a folder, or random-tiny-swin")
+    p.add_argument("--data_root", default=DATA_ROOT)
+    p.add_argument("--resume", action="store_true", help="run: skip runs whose summary JSON is already in --out")
+    p.add_argument("--epochs", type=int, default=None, help="override RECIPE's epochs (budget measurements only)")
+    p.add_argument("--eval_root", default=DATA_ROOT, help="evaluate: a folder in the camvid_mt layout")
+    p.add_argument("--eval_split", default="val")
+    args = p.parse_args(argv)
+    args.out = args.out or (REPO / "runs" / "bench_accuracy_quick" if args.quick else OUT)
+    sys.path.insert(0, str(Path(__file__).parent))
+    if args.command == "worker":
+        from bench_accuracy_worker import work
+
+        work(json.loads(args.job))
+    elif args.command == "run":
+        run_all(args)
+    elif args.command == "report":
+        report(Path(args.out), quick=args.quick, results_md=None if args.quick else REPO / "benchmarks" / "RESULTS.md")
+    else:
+        evaluate_saved(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""One run of the accuracy benchmark in its own process: train a variant and score it, or compute the task similarity.
+
+`bench_accuracy.py` starts `worker JSON` processes that call `work`; the recipe and the paths come in the job. Each
+process is single-threaded and seeded, saves its adapter and heads under `runs/<run>/` (so `score_saved` can re-score
+them on any split) and writes its summary to `<run>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+NUM_CLASSES = {"semseg": 11}
+
+
+def _datasets(job: dict, tasks, split: str = "val", root=None, with_train: bool = True):
+    from peft_tglora.tasks import load_multitask_dataset
+
+    root = root or job["data_root"]
+    train = load_multitask_dataset("camvid", "train", root=root, tasks=tasks) if with_train else None
+    evaluation = load_multitask_dataset("camvid", split, root=root, tasks=tasks)
+    if job.get("quick"):
+        from bench_accuracy import QUICK
+
+        train = train.select(range(QUICK["train_frames"])) if train is not None else None
+        evaluation = evaluation.select(range(QUICK["eval_frames"]))
+    return train, evaluation
+
+
+class _SeededFrames(torch.utils.data.Dataset):
+    """Decoded frames kept in memory; row i of epoch e is flipped from a generator seeded by (seed, e, i)."""
+
+    def __init__(self, dataset, tasks, recipe: dict, seed: int):
+        from peft_tglora.tasks import Compose, Normalize, RandomHorizontalFlip, Resize, decode_example
+
+        resize = Resize(recipe["image_size"])
+        self.samples = [resize(decode_example(dataset[i], tasks)) for i in range(len(dataset))]
+        self.augment = Compose([RandomHorizontalFlip(0.5), Normalize()])
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        state = np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        return self.augment(dict(self.samples[i]), generator)
+
+
+def _train_loader(train, tasks, recipe: dict, seed: int):
+    from peft_tglora.tasks import collate
+
+    return torch.utils.data.DataLoader(
+        _SeededFrames(train, tasks, recipe, seed), batch_size=recipe["batch_size"], shuffle=True, drop_last=True,
+        collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+
+class MultiTaskModel(torch.nn.Module):
+    """The TGLoRA backbone and one head per task: `{task: output [B, C, H, W] at the input's size}`."""
+
+    def __init__(self, backbone, heads):
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+
+    def forward(self, pixel_values):
+        features = self.backbone(pixel_values=pixel_values).task_features
+        size = pixel_values.shape[-2:]
+        return {task: head(features[task], output_size=size) for task, head in self.heads.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, tasks) -> dict:
+    """`{task: {metric: value}}` from each task's streaming meter (per-class lists dropped)."""
+    from peft_tglora.tasks import build_meter, postprocess
+
+    meters = {t: build_meter(t, num_classes=NUM_CLASSES.get(t)) for t in tasks}
+    model.eval()
+    for batch in loader:
+        outputs = model(batch["pixel_values"])
+        for t in tasks:
+            meters[t].update(postprocess(t, outputs[t].float()), batch[t])
+    return {t: {k: float(v) for k, v in m.compute().items() if isinstance(v, (int, float))} for t, m in meters.items()}
+
+
+def save_run(folder: Path, backbone, heads, head_config: dict, random_base: bool) -> None:
+    from safetensors.torch import save_file
+
+    backbone.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
+    save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, folder / "heads.safetensors")
+    (folder / "heads_config.json").write_text(json.dumps(head_config, indent=1) + "\n")
+    if random_base:  # a random backbone's weights exist nowhere else
+        backbone.get_base_model().save_pretrained(folder / "base_model")
+
+
+def load_run(folder: Path):
+    """The model saved by `save_run`, in eval mode, and its head config."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    import peft_tglora  # noqa: F401  (registers TGLoRA with PEFT)
+    from peft_tglora.tasks import build_heads
+
+    head_config = json.loads((folder / "heads_config.json").read_text())
+    base = folder / "base_model" if (folder / "base_model").is_dir() else head_config["backbone"]
+    backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base), folder)
+    heads = build_heads(
+        head_config["tasks"], head_config["in_channels"], dataset="camvid", **head_config["head_kwargs"]
+    )
+    heads.load_state_dict(load_file(folder / "heads.safetensors"))
+    return MultiTaskModel(backbone, heads).eval(), head_config
+
+
+def _eval_loader(evaluation, tasks, recipe: dict):
+    from peft_tglora.tasks import MultiTaskDataset, collate, eval_transforms
+
+    dataset = MultiTaskDataset(evaluation, tasks, eval_transforms(recipe["image_size"]))
+    return torch.utils.data.DataLoader(dataset, batch_size=recipe["eval_batch_size"], collate_fn=collate)
+
+
+def _backbone(job: dict):
+    """The frozen backbone: the pretrained folder, or (sanity row) a random model of the same config."""
+    from transformers import AutoConfig, AutoModel
+
+    if job.get("variant") == "random_backbone":
+        torch.manual_seed(job["seed"])
+        return AutoModel.from_config(AutoConfig.from_pretrained(job["backbone"]))
+    return AutoModel.from_pretrained(job["backbone"])
+
+
+def _peft(job: dict, backbone):
+    from peft import get_peft_model
+
+    import peft_tglora  # noqa: F401  (registers TGLoRA with PEFT)
+    from peft_tglora import TGLoraConfig
+
+    config = TGLoraConfig(tasks=job["tasks"], task_groups=job["task_groups"], r=job["r"], lora_alpha=job["r"])
+    model = get_peft_model(backbone, config)
+    if job.get("variant") == "heads_only":  # B = 0 and frozen: the adapter is the identity, only heads train
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _heads(job: dict, backbone, recipe: dict):
+    from peft_tglora.tasks import build_heads
+
+    with torch.no_grad():
+        out = backbone(pixel_values=torch.zeros(1, 3, *recipe["image_size"]))
+    channels = [int(f.shape[1]) for f in next(iter(out.task_features.values()))]
+    head_kwargs = dict(
+        channels=[recipe["head_width"] * 2**s for s in range(len(channels))], hidden_channels=recipe["head_hidden"],
+        kernel_size=recipe["head_kernel"], norm=recipe["head_norm"],
+    )  # fmt: skip
+    torch.manual_seed(job["seed"])
+    heads = build_heads(job["tasks"], channels, dataset="camvid", **head_kwargs)
+    head_config = {
+        "tasks": job["tasks"], "backbone": job["backbone"], "dataset": "camvid", "image_size": recipe["image_size"],
+        "in_channels": channels, "head_kwargs": head_kwargs,
+        "num_outputs": {t: h.classifier.out_channels for t, h in heads.items()},
+        "num_classes": {t: n for t, n in NUM_CLASSES.items() if t in heads},
+    }  # fmt: skip
+    return heads, head_config
+
+
+def _macs(model, recipe: dict) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *recipe["image_size"]))
+    return counter.get_total_flops() // 2
+
+
+def train_run(job: dict) -> dict:
+    from transformers import get_cosine_schedule_with_warmup
+
+    from peft_tglora.tasks import default_loss_weights, multitask_loss
+
+    recipe, tasks, seed = job["recipe"], job["tasks"], job["seed"]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    train, val = _datasets(job, tasks)
+    loader = _train_loader(train, tasks, recipe, seed)
+    backbone = _peft(job, _backbone(job))
+    adapter_params = sum(p.numel() for p in backbone.parameters() if p.requires_grad)  # the tuner's trainable count
+    heads, head_config = _heads(job, backbone, recipe)
+    model = MultiTaskModel(backbone, heads)
+    weights = default_loss_weights("camvid", tasks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
+    steps = QUICK_STEPS if job.get("quick") else recipe["epochs"] * len(loader)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(recipe["warmup_ratio"] * steps), steps)
+    torch.manual_seed(seed)
+    model.train()
+    step, init_losses, epoch = 0, None, 0
+    while step < steps:
+        loader.dataset.epoch = epoch
+        for batch in loader:
+            loss, per_task = multitask_loss(model(batch["pixel_values"]), batch, weights)
+            if init_losses is None:
+                init_losses = {t: {"loss": v.item(), "weighted": v.item() * weights[t]} for t, v in per_task.items()}
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"Loss is {loss.item()} at step {step}; per task {per_task}.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    train_cpu = time.process_time() - cpu0
+    metrics = evaluate(model, _eval_loader(val, tasks, recipe), tasks)
+    save_run(
+        Path(job["out"]) / "runs" / job["slug"], backbone, heads, head_config, job["variant"] == "random_backbone"
+    )
+    peft_config = backbone.peft_config["default"]
+    return dict(
+        kind="train", **{k: job[k] for k in ("name", "variant", "arm", "tasks", "r", "seed")},
+        task_groups=peft_config.task_groups, adapter_params=adapter_params,
+        head_params=sum(p.numel() for p in heads.parameters()), macs=_macs(model, recipe), steps=step,
+        epochs=recipe["epochs"], metrics=metrics, init_losses=init_losses, loss_weights=weights,
+        cpu_s=round(time.process_time() - cpu0, 1), train_cpu_s=round(train_cpu, 1),
+        wall_s=round(time.perf_counter() - wall0, 1), torch_threads=torch.get_num_threads(), recipe=recipe,
+        backbone=job["backbone"],
+    )  # fmt: skip
+
+
+QUICK_STEPS = 2
+
+
+def similarity_run(job: dict) -> dict:
+    """The paper's gradient similarity on the frozen pretrained backbone, once per seed; the tree from the mean."""
+    from accuracy_report import partition_label, tree_for_partition
+    from bench_accuracy import QUICK, SIMILARITY, TASKS
+
+    from peft_tglora.clustering import build_task_tree
+    from peft_tglora.similarity import compute_task_similarity
+    from peft_tglora.tasks import task_loss
+
+    recipe, tasks = job["recipe"], job.get("tasks") or TASKS
+    cpu0 = time.process_time()
+    train, _ = _datasets(job, tasks)
+    seeds = SIMILARITY["seeds"][:1] if job.get("quick") else SIMILARITY["seeds"]
+    num_batches = QUICK["similarity_batches"] if job.get("quick") else SIMILARITY["num_batches"]
+    warmup = QUICK["similarity_warmup"] if job.get("quick") else SIMILARITY["head_warmup_steps"]
+
+    def loss_for(task):
+        def loss(prediction, batch):  # heads give stage-0 resolution; the loss wants the label's
+            size = batch[task].shape[-2:]
+            return task_loss(task, F.interpolate(prediction, size=size, mode="bilinear", align_corners=False), batch)
+
+        return loss
+
+    matrices, seed_partitions = [], []
+    for seed in seeds:
+        backbone = _peft(dict(job, tasks=tasks, task_groups="shared", r=1, seed=seed), _backbone(job))
+        heads, _ = _heads(dict(job, tasks=tasks, seed=seed), backbone, recipe)
+        sim = compute_task_similarity(
+            backbone, dict(heads), {t: loss_for(t) for t in tasks}, _train_loader(train, tasks, recipe, seed),
+            num_batches=num_batches, seed=seed, head_warmup_steps=warmup,
+            head_warmup_lr=SIMILARITY["head_warmup_lr"], disable_progress=True,
+        )  # fmt: skip
+        matrices.append(sim.matrix.tolist())
+        seed_partitions.append(build_task_tree(sim.matrix, [1, 1, 2, 4], tasks=tasks)[2])
+    mean = np.mean(np.asarray(matrices), axis=0)
+    partition = build_task_tree(mean, [1, 1, 2, 4], tasks=tasks)[2]
+    return dict(
+        kind="similarity", tasks=tasks, seeds=seeds, num_batches=num_batches, head_warmup_steps=warmup,
+        matrices=matrices, mean_matrix=mean.tolist(), partition=partition,
+        tree=tree_for_partition(tasks, partition), row_name=f"partition {partition_label(partition)}",
+        seed_partitions=[partition_label(p) for p in seed_partitions],
+        stable=all(p == partition for p in seed_partitions), cpu_s=round(time.process_time() - cpu0, 1),
+    )  # fmt: skip
+
+
+def work(job: dict) -> None:
+    from bench_accuracy import slug
+
+    torch.set_num_threads(1)
+    if job["kind"] == "similarity":
+        summary, name = similarity_run(job), "similarity"
+    else:
+        job = dict(job, slug=slug(job["name"], job["seed"]))
+        summary, name = train_run(job), job["slug"]
+    (Path(job["out"]) / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def score_saved(folder: Path, root, split: str, quick: bool = False) -> dict:
+    """Metrics of a saved run (adapter + heads, backbone from `heads_config.json` or `base_model/`) on `split`."""
+    torch.set_num_threads(1)
+    model, head_config = load_run(folder)
+    recipe = dict(image_size=head_config["image_size"], eval_batch_size=16)
+    _, evaluation = _datasets({"quick": quick}, head_config["tasks"], split=split, root=root, with_train=False)
+    loader = _eval_loader(evaluation, head_config["tasks"], recipe)
+    return evaluate(model, loader, head_config["tasks"])

@@ -1,0 +1,106 @@
+"""benchmarks/bench_accuracy.py: the partition enumeration and the statistics against hand computations (no data), and
+its `--quick` run end to end on camvid_mt, re-scored from the saved adapters and heads."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+DATA = REPO / ".." / "shared" / "data" / "camvid_mt"
+
+import accuracy_report as rep  # noqa: E402  (benchmarks/ is not a package)
+
+
+TASKS = ["semseg", "edges", "saliency", "edge_texture"]
+
+
+@pytest.mark.parametrize(("n", "expected"), [(2, 1), (3, 3), (4, 7), (5, 15)])
+def test_two_group_partitions_are_all_distinct_splits(n, expected):
+    tasks = [f"t{i}" for i in range(n)]
+    parts = rep.two_group_partitions(tasks)
+    assert len(parts) == expected == 2 ** (n - 1) - 1  # Stirling number S(n, 2)
+    as_sets = {frozenset(frozenset(g) for g in p) for p in parts}
+    assert len(as_sets) == expected
+    for p in parts:
+        assert len(p) == 2 and all(p) and sorted(p[0] + p[1]) == sorted(tasks)
+
+
+def test_tree_for_partition_is_1_1_2_4():
+    tree = rep.tree_for_partition(TASKS, [["semseg", "edges"], ["saliency", "edge_texture"]])
+    assert [len(stage) for stage in tree] == [1, 1, 2, 4]
+    assert tree[3] == [[t] for t in TASKS]
+
+
+def test_paired_difference_matches_hand_computation():
+    a = {0: 1.0, 1: 2.0, 2: 4.0}
+    b = {0: 0.5, 1: 1.0, 2: 1.5, 3: 9.0}  # seed 3 has no partner: left out
+    mean, se, n = rep.paired_difference(a, b)
+    # differences 0.5, 1.0, 2.5: mean 4/3; sample variance (0.69444 + 0.11111 + 1.36111) / 2 = 1.08333
+    assert n == 3
+    assert mean == pytest.approx(4 / 3)
+    assert se == pytest.approx(math.sqrt(1.0833333 / 3), rel=1e-6)
+    assert math.isnan(rep.mean_se([1.0])[1])
+
+
+def _run(name, seed, dm, params, variant=None, arm="equal params"):
+    return dict(name=name, variant=variant or name, arm=arm, seed=seed, delta_m=dm, adapter_params=params)
+
+
+def test_verdicts_follow_the_rules():
+    parts = [f"partition {rep.partition_label(p)}" for p in rep.two_group_partitions(TASKS)]
+    sim = {"row_name": parts[2], "stable": True}
+    base = [_run("shared", s, v, 300) for s, v in enumerate([-1.0, -1.2, -0.8])]
+    base += [_run("per_task", s, v, 300) for s, v in enumerate([-2.0, -1.5, -2.5])]
+    base += [_run(p, 0, -3.0 + i * 0.1, 301, "partition") for i, p in enumerate(parts)]
+    # tglora_sim 2 pp above shared at every seed: the paired s.e. is 0.2 / sqrt(3)-ish, far below the gap
+    good = [_run("tglora_sim", s, v, 301) for s, v in enumerate([1.0, 0.9, 1.2])]
+    result = rep.verdicts(base + good, sim)
+    assert result["A"] == "holds"
+    assert result["A_comparisons"]["shared"]["diff"] == pytest.approx((2.0 + 2.1 + 2.0) / 3)
+    # ranks: the partitions' Δm grow with their index, so parts[6] is first and parts[2] (the similarity's) fifth
+    assert result["similarity_rank"] == 5 and result["B"] == "does not hold"
+    # more parameters than allowed: (A) fails even with the same gains
+    bloated = [dict(r, adapter_params=400) for r in good]
+    assert rep.verdicts(base + bloated, sim)["A"] == "does not hold"
+    # worse than shared at every seed by far more than 2 s.e.: reported against
+    bad = [_run("tglora_sim", s, v, 301) for s, v in enumerate([-4.0, -4.1, -3.9])]
+    assert rep.verdicts(base + bad, sim)["verdict"].startswith("against")
+    # an unstable similarity never gives (B), however well its partition ranks
+    top = dict(sim, row_name=parts[6])
+    assert rep.verdicts(base + bad, top)["B"] == "holds weakly"
+    assert rep.verdicts(base + bad, dict(top, stable=False))["B"] == "does not hold"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"camvid_mt is absent (looked in {DATA}); CI has it there")
+def test_quick_run_and_evaluate_reproduce_the_saved_metrics(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = [sys.executable, str(REPO / "benchmarks" / "bench_accuracy.py")]
+    common = ["--quick", "--backbone", "random-tiny-swin", "--out", str(tmp_path), "--data_root", str(DATA)]
+    subprocess.run([*script, "run", *common], check=True, env=env, capture_output=True, timeout=300)
+    runs = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*-s0.json")}
+    assert len(runs) == 2
+    shared = runs["shared-s0"]
+    tree = next(r for r in runs.values() if r["variant"] == "partition")
+    assert [len(stage) for stage in tree["task_groups"]] == [1, 1, 2, 4]
+    assert abs(tree["adapter_params"] / shared["adapter_params"] - 1) < 0.05  # the equal-parameter ranks
+    assert tree["macs"] > shared["macs"] > 0
+    assert set(shared["metrics"]) == set(TASKS) and shared["steps"] == 2
+    similarity = json.loads((tmp_path / "similarity.json").read_text())
+    assert len(similarity["partition"]) == 2
+    # re-scoring the saved adapter + heads on the same frames gives the metrics the run reported
+    subprocess.run(
+        [*script, "evaluate", *common, "--eval_root", str(DATA), "--eval_split", "val"],
+        check=True, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    for name, run in runs.items():
+        again = json.loads((tmp_path / "eval_val" / f"{name}.json").read_text())["metrics"]
+        for task in TASKS:
+            for key, value in run["metrics"][task].items():
+                assert again[task][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, task, key)
