@@ -45,6 +45,12 @@ def _maps(sample: dict) -> list[tuple[str, torch.Tensor, MapRule]]:
     return found
 
 
+def _unit(n: torch.Tensor) -> torch.Tensor:
+    """`[3, H, W]` vectors scaled to unit length (0 stays 0): `F.normalize(n, dim=0)`, ~10x faster on CPU, where a
+    norm over the leading dimension is a strided reduction (66 ms at 448 px, one thread)."""
+    return n / (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt().clamp_min(1e-12)
+
+
 def _resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize a `[H, W]` or `[C, H, W]` map, keeping its dtype."""
     squeeze = x.ndim == 2
@@ -72,7 +78,7 @@ class Resize:
                 continue  # already the size: interpolating would only cost time (and blur normals' norms)
             if rule.interpolation == "normals":
                 valid = _resize_map((x.abs().sum(0) > 0).float(), self.size, "nearest") > 0
-                out[key] = F.normalize(_resize_map(x, self.size, "bilinear"), dim=0) * valid
+                out[key] = _unit(_resize_map(x, self.size, "bilinear")) * valid
             else:
                 out[key] = _resize_map(x, self.size, rule.interpolation)
                 if key == "image":
@@ -163,24 +169,32 @@ class RandomScaleRotate:
         theta = torch.tensor([[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=torch.float32)
         grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
         inside = F.grid_sample(torch.ones(1, 1, h, w), grid, mode="nearest", align_corners=False)[0, 0] > 0
-        out = dict(sample)
-        for key, x, rule in _maps(sample):
-            y = x[None, None].float() if x.ndim == 2 else x[None].float()
+        maps = _maps(sample)
+        # one grid_sample per interpolation mode: stack the maps' channels
+        groups: dict[str, list] = {}
+        for key, x, rule in maps:
+            y = x[None].float() if x.ndim == 2 else x.float()
             if rule.interpolation == "normals":
-                nx, ny = y[:, 0], y[:, 1]  # the reference turns (x, y) by the image's angle
-                angle, radius = torch.atan2(nx, ny) + a, torch.sqrt(nx**2 + ny**2)
-                y = torch.stack([torch.sin(angle) * radius, torch.cos(angle) * radius, y[:, 2]], 1)
-                valid = F.grid_sample((y.abs().sum(1, keepdim=True) > 0).float(), grid, "nearest", align_corners=False)
-                y = F.normalize(F.grid_sample(y, grid, "bilinear", align_corners=False), dim=1) * valid
+                # the reference's in-plane turn, sin / cos of (atan2(x, y) + a), written as a rotation of (x, y)
+                ca, sa = math.cos(a), math.sin(a)
+                y = torch.stack([y[0] * ca + y[1] * sa, y[1] * ca - y[0] * sa, y[2], (y.abs().sum(0) > 0).float()])
+                mode = "bilinear"
             else:
-                y = F.grid_sample(
-                    y, grid, "nearest" if rule.interpolation == "nearest" else "bilinear", align_corners=False
-                )
-            y = torch.where(inside, y, torch.full_like(y, rule.fill))[0]
-            y = y[0] if x.ndim == 2 else y
-            if key == "depth":
-                y = y / scale
-            out[key] = y.to(x.dtype) if not x.is_floating_point() else y
+                mode = "nearest" if rule.interpolation == "nearest" else "bilinear"
+            groups.setdefault(mode, []).append((key, x, rule, y))
+        out = dict(sample)
+        for mode, items in groups.items():
+            moved = F.grid_sample(torch.cat([y for *_, y in items])[None], grid, mode, align_corners=False)[0]
+            offset = 0
+            for key, x, rule, y in items:
+                z, offset = moved[offset : offset + len(y)], offset + len(y)
+                if rule.interpolation == "normals":  # re-normalised; pixels whose source was invalid stay invalid
+                    z = _unit(z[:3]) * (z[3:] > 0.999)
+                z = torch.where(inside, z, torch.full_like(z, rule.fill))
+                z = z[0] if x.ndim == 2 else z
+                if key == "depth":
+                    z = z / scale
+                out[key] = z.to(x.dtype) if not x.is_floating_point() else z
         return out
 
 
