@@ -13,11 +13,7 @@ How ours compares. `MultiScaleHead` is the same pipeline in one module: `reduce`
 → `fuse` (k x k conv, norm, ReLU) → `classifier` (1x1). With the defaults (`channels = 18 * 2**s`, `hidden_channels = 4 *
 sum(channels)`, `kernel_size=1`, BatchNorm) it *is* MTLoRA's downsampler + HRNet head, parameter for parameter, when fed
 the same widths; `kernel_size=3, hidden_channels=270` adds spatial context for ~1.8x the parameters, and `norm="group"` suits batches of one.
-Parameter counts for both inputs are printed by
-
-    python -m peft_tglora.tasks
-
-and copied, with that command, into docs/TASKS.md.
+Parameter counts for both inputs are in docs/TASKS.md, checked by `tests/test_docs_head_table.py`.
 
 Output resolution. A head returns logits at the resolution of its first input stage; pass `output_size` to get them
 bilinearly upsampled (MTLoRA upsamples to the image size before the loss). `peft_tglora.tasks.task_loss` requires
@@ -26,7 +22,6 @@ predictions at the label resolution and says so when they are not.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
@@ -140,60 +135,3 @@ def build_heads(
 ) -> nn.ModuleDict:
     """One head per task in an `nn.ModuleDict` keyed by task name."""
     return nn.ModuleDict({t: build_head(t, in_channels, dataset=dataset, **head_kwargs) for t in tasks})
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _mtlora_reference_head(in_channels: Sequence[int], num_outputs: int, channels=(18, 36, 72, 144)) -> nn.Module:
-    """An independent re-statement of MTLoRA's Downsampler + HighResolutionHead, for the parameter comparison."""
-    total = sum(channels)
-    return nn.ModuleDict(
-        {
-            "downsampler": nn.ModuleList(nn.Conv2d(c_in, c, 1, bias=False) for c_in, c in zip(in_channels, channels)),
-            "last_layer": nn.Sequential(
-                nn.Conv2d(total, 4 * total, 1),
-                nn.BatchNorm2d(4 * total),
-                nn.ReLU(),
-                nn.Conv2d(4 * total, num_outputs, 1),
-            ),
-        }
-    )
-
-
-def parameter_table(dataset: str = "pascal_context") -> list[tuple[str, str, int, int, int]]:
-    """Rows `(task, input, MTLoRA head, ours default, ours with a 3x3 fuse of width sum(channels))`, for Swin-T."""
-    from .specs import get_dataset_spec
-
-    inputs = {
-        "Swin-T stages before merging (ours)": [96, 192, 384, 768],
-        "Swin-T stages after merging (MTLoRA)": [192, 384, 768, 768],
-    }
-    rows = []
-    for task in get_dataset_spec(dataset).tasks:
-        n_out = num_outputs_for(task, dataset)
-        for label, widths in inputs.items():
-            rows.append(
-                (
-                    task,
-                    label,
-                    count_parameters(_mtlora_reference_head(widths, n_out)),
-                    count_parameters(MultiScaleHead(widths, n_out)),
-                    count_parameters(MultiScaleHead(widths, n_out, kernel_size=3, hidden_channels=270)),
-                )
-            )
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Print the head parameter table as Markdown (`python -m peft_tglora.tasks --dataset nyud`)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--dataset", default="pascal_context")
-    args = parser.parse_args(argv)
-    lines = [
-        "| task | input widths | MTLoRA head | ours (default: 1x1 fuse, width 1080) | ours (3x3 fuse, width 270) |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {t} | {i} | {a:,} | {b:,} | {c:,} |" for t, i, a, b, c in parameter_table(args.dataset)]
-    print("\n".join(lines))  # CLI entry point: stdout is the product
