@@ -15,7 +15,7 @@ from PIL import Image
 
 import peft_tglora  # noqa: F401  (registers TGLoRA with PEFT)
 from peft_tglora.tasks import decode_image, eval_transforms, get_task_spec, make_synthetic_multitask, postprocess
-from peft_tglora.training import load_multitask_model
+from peft_tglora.tasks.model import load_multitask_model
 
 
 def load_images(args):

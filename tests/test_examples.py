@@ -83,7 +83,7 @@ def trained(tmp_path_factory):
 
 def test_outputs_adapter_heads_card_and_logs(trained):
     out, metrics, printed = trained
-    for name in ["adapter_config.json", "adapter_model.safetensors", "heads.safetensors", "heads_config.json"]:
+    for name in ["adapter_config.json", "adapter_model.safetensors", "heads/model.safetensors", "heads/config.json"]:
         assert (out / name).is_file(), name
     assert (out / "base_model" / "config.json").is_file()  # the random demo backbone travels with the adapter
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_8"]
@@ -98,7 +98,7 @@ def test_outputs_adapter_heads_card_and_logs(trained):
     assert set(metrics) == set(TASKS.split(",")) and 0 <= metrics["semseg"]["mIoU"] <= 100
     card = (out / "README.md").read_text()
     for text in ["TGLoRA adapter", "{semseg, human_parts} {saliency, normals}", "mIoU", "import peft_tglora",
-                 'load_multitask_model("user/tglora-tiny")', "heads.safetensors"]:  # fmt: skip
+                 'load_multitask_model("user/tglora-tiny")', "`heads/`", "- PEFT "]:  # fmt: skip
         assert text in card, text
     assert "| normals | mean_angular_error |" in printed  # the final table
 
@@ -125,7 +125,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_3"]
     run_training(*common, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest")
-    for name in ["adapter_model.safetensors", "heads.safetensors"]:
+    for name in ["adapter_model.safetensors", "heads/model.safetensors"]:
         straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
         assert straight.keys() == resumed.keys()
         for key in straight:
@@ -138,21 +138,42 @@ def free_port():
         return s.getsockname()[1]
 
 
+DIGESTS = """
+import hashlib, importlib.util, os, sys
+import peft_tglora.tasks.evaluation as evaluation
+evaluate = evaluation.evaluate
+def evaluate_and_digest(model, *args, **kwargs):  # each process writes a SHA-256 of its trained weights
+    digest = hashlib.sha256()
+    for name, param in sorted(getattr(model, "module", model).named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode() + param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    open(os.path.join(os.environ["DIGESTS"], f"rank_{os.environ['RANK']}"), "w").write(digest.hexdigest())
+    return evaluate(model, *args, **kwargs)
+import torch
+evaluation.evaluate = evaluate_and_digest
+spec = importlib.util.spec_from_file_location("train_tglora", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.main(sys.argv[2:])
+"""
+
+
 @pytest.mark.slow
 def test_two_process_gloo_run_ends_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
+    (tmp_path / "digests.py").write_text(DIGESTS)
     # `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.15 (its --cpu launcher spawns
     # several only through mpirun); torchrun's launcher plus the script's --cpu gives two gloo processes on a CPU
     command = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(EXAMPLES / "train_tglora.py"), "--cpu", *TINY,
-               "--batch_size", "2", "--max_train_steps", "3", "--output_dir", str(out),
+               "--main_process_port", str(free_port()), str(tmp_path / "digests.py"), str(EXAMPLES / "train_tglora.py"),
+               "--cpu", *TINY, "--batch_size", "2", "--max_train_steps", "3", "--output_dir", str(out),
                "--push_to_hub", "--hub_model_id", "user/tglora-ddp"]  # fmt: skip
     # offline mode makes the push fail for real: the run must still finish and keep its outputs
-    done = run_python(command, subprocess_env(HF_HUB_OFFLINE="1"), tmp_path, returncode=1)
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["steps"] == 3
-    assert len(results["weight_digests"]) == 2 and results["weights_in_sync"], results["weight_digests"]
+    done = run_python(command, subprocess_env(HF_HUB_OFFLINE="1", DIGESTS=str(tmp_path)), tmp_path, returncode=1)
+    assert json.loads((out / "all_results.json").read_text())["steps"] == 3
+    digests = {(tmp_path / f"rank_{r}").read_text() for r in range(2)}
+    assert len(digests) == 1, digests
     assert "failed" in done.stdout and (out / "adapter_model.safetensors").is_file()
 
 
@@ -168,7 +189,8 @@ EVALUATE_FROM_HUB = """
 import json, sys, torch
 import peft_tglora
 from peft_tglora.tasks import MultiTaskDataset, collate, eval_transforms, make_synthetic_multitask
-from peft_tglora.training import evaluate, load_multitask_model
+from peft_tglora.tasks.evaluation import evaluate
+from peft_tglora.tasks.model import load_multitask_model
 model, info = load_multitask_model(sys.argv[1])
 rows = make_synthetic_multitask(8, 64, info["tasks"], seed=1)
 loader = torch.utils.data.DataLoader(MultiTaskDataset(rows, info["tasks"], eval_transforms(64)), batch_size=8, collate_fn=collate)
@@ -207,7 +229,7 @@ def test_inference_writes_one_image_per_task(trained, tmp_path):
 
 
 def test_backbone_from_a_local_folder(tmp_path):
-    from peft_tglora.training import build_backbone, load_multitask_model
+    from peft_tglora.tasks.model import build_backbone, load_multitask_model
 
     build_backbone(
         "tiny-swin", 64, {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
@@ -256,12 +278,12 @@ def nan_on_call(*bad_calls, counter=None):
 
 
 def read_weights(folder):
-    return {name: load_file(folder / name) for name in ["adapter_model.safetensors", "heads.safetensors"]}
+    return {name: load_file(folder / name) for name in ["adapter_model.safetensors", "heads/model.safetensors"]}
 
 
 def test_nonfinite_loss_stops_before_saving_anything(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 3 .*semseg"):
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 3: per-task losses .*semseg"):
         run_patched("--max_train_steps", 4, "--checkpointing_steps", 1, "--output_dir", out,
                     patches={"multitask_loss": nan_on_call(3)})  # fmt: skip
     assert not (out / "adapter_model.safetensors").exists() and not (out / "all_results.json").exists()
@@ -269,14 +291,17 @@ def test_nonfinite_loss_stops_before_saving_anything(tmp_path):
     assert all(torch.isfinite(v).all() for v in load_file(out / "checkpoints/step_2/model.safetensors").values())
 
 
-def test_nonfinite_steps_skipped_up_to_the_limit_and_results_are_strict_json(tmp_path):
+def test_nonfinite_steps_skipped_up_to_the_limit_and_results_are_strict_json(tmp_path, monkeypatch):
     # reference: a run whose loss is NaN at step 3 and skips it holds the same weights after step 3 as after step 2
-    def nan_metric(evaluate):
-        return lambda *a, **k: {t: {**m, "nan_metric": float("nan")} for t, m in evaluate(*a, **k).items()}
+    from peft_tglora.tasks import evaluation
+
+    evaluate = evaluation.evaluate
+    nan_metric = lambda *a, **k: {t: {**m, "nan_metric": float("nan")} for t, m in evaluate(*a, **k).items()}  # noqa: E731
+    monkeypatch.setattr(evaluation, "evaluate", nan_metric)
 
     common = ["--checkpointing_steps", 1, "--checkpoints_total_limit", 0, "--max_nonfinite_steps", 1]
     run_patched(*common, "--max_train_steps", 4, "--output_dir", tmp_path / "out",
-                patches={"multitask_loss": nan_on_call(3), "evaluate": nan_metric})  # fmt: skip
+                patches={"multitask_loss": nan_on_call(3)})  # fmt: skip
     ckpt = tmp_path / "out" / "checkpoints"
     before, after = load_file(ckpt / "step_2/model.safetensors"), load_file(ckpt / "step_3/model.safetensors")
     trained = [k for k in before if "running_" not in k and "num_batches" not in k]  # norm statistics do move
@@ -442,7 +467,7 @@ def test_a_stalled_rank_makes_the_others_fail_after_ddp_timeout(tmp_path):
 
 
 def test_non_square_image_size(tmp_path):
-    from peft_tglora.training import load_multitask_model
+    from peft_tglora.tasks.model import load_multitask_model
 
     metrics = run_training("--image_size", "48,64", "--max_train_steps", 1, "--output_dir", tmp_path)
     model, info = load_multitask_model(tmp_path)

@@ -1,4 +1,4 @@
-"""The library pieces of the training workflow: heads I/O, seeded data, digests, checkpoints, model card, Hub push."""
+"""The library pieces of the training workflow: multi-task model and heads I/O, seeded data, model card, Hub push."""
 
 import logging
 
@@ -9,18 +9,18 @@ from backbones import tiny_backbone
 from peft import get_peft_model
 
 from peft_tglora import TGLoraConfig
-from peft_tglora.hub import PUSH_IGNORE, model_card, push_folder, tree_table
-from peft_tglora.tasks import build_heads, make_synthetic_multitask, train_transforms
-from peft_tglora.tasks.training_data import SeededMultiTaskDataset
-from peft_tglora.training import (
-    MultiTaskModel,
+from peft_tglora.tasks import make_synthetic_multitask, train_transforms
+from peft_tglora.tasks.hub import PUSH_IGNORE, model_card, push_folder, tree_table, write_model_card
+from peft_tglora.tasks.model import (
+    TaskHeads,
     build_backbone,
+    build_multitask_model,
     drop_frozen_weights,
-    load_heads,
-    save_heads,
+    load_multitask_model,
     stage_channels,
-    weights_digest,
 )
+from peft_tglora.tasks.options import parse_image_size, parse_loss_weights, parse_tasks
+from peft_tglora.tasks.training_data import SeededMultiTaskDataset
 
 
 TASKS = ["semseg", "saliency", "normals"]
@@ -30,9 +30,8 @@ TREE = [[TASKS], [TASKS], [["semseg"], ["saliency", "normals"]], [["semseg"], ["
 @pytest.fixture
 def model():
     backbone = get_peft_model(tiny_backbone("swin"), TGLoraConfig(tasks=TASKS, task_groups=TREE, r=2))
-    channels = stage_channels(backbone, 64)
-    heads = build_heads(TASKS, channels, dataset="synthetic", channels=[4, 4, 4, 4], hidden_channels=8)
-    return MultiTaskModel(backbone, heads), channels
+    model = build_multitask_model(backbone, TASKS, "synthetic", 64, "tiny", head_width=4, hidden_channels=8)
+    return model, stage_channels(backbone, 64)
 
 
 def test_multitask_model_predicts_every_task_at_input_size(model):
@@ -46,23 +45,23 @@ def test_multitask_model_predicts_every_task_at_input_size(model):
     }
 
 
-def test_heads_round_trip(model, tmp_path):
+def test_heads_round_trip_through_the_hub_mixin(model, tmp_path):
     model, channels = model
     for p in model.heads.parameters():
         torch.nn.init.normal_(p)
-    config = {"in_channels": channels, "num_outputs": {"semseg": 4, "saliency": 1, "normals": 3},
-              "head_kwargs": {"channels": [4, 4, 4, 4], "hidden_channels": 8}}  # fmt: skip
-    save_heads(model.heads, config, tmp_path)
-    heads, loaded_config = load_heads(tmp_path)
-    assert loaded_config == config
+    model.heads.save_pretrained(tmp_path)
+    heads = TaskHeads.from_pretrained(tmp_path)
+    assert heads.info == model.heads.info and heads.info["num_classes"] == {"semseg": 4}
+    assert heads.info["image_size"] == 64 and heads.info["tasks"] == TASKS
     x = [torch.randn(1, c, 16 // 2**s, 16 // 2**s) for s, c in enumerate(channels)]  # stage maps of a 64 px image
     for task in TASKS:
         torch.testing.assert_close(heads[task].eval()(x), model.heads[task].eval()(x), rtol=0, atol=0)
 
 
-def test_load_heads_names_the_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="heads_config.json.*without its task heads"):
-        load_heads(tmp_path)
+def test_load_names_the_missing_heads(model, tmp_path):
+    model[0].backbone.save_pretrained(tmp_path)  # an adapter without heads
+    with pytest.raises(FileNotFoundError, match="heads.*without its task heads"):
+        load_multitask_model(tmp_path)
 
 
 def test_seeded_dataset_depends_only_on_seed_epoch_and_index():
@@ -79,36 +78,43 @@ def test_seeded_dataset_depends_only_on_seed_epoch_and_index():
     assert len(crops) > 1, "augmentation must change from epoch to epoch"
 
 
-def test_weights_digest_sees_one_changed_value(model):
-    model, _ = model
-    before = weights_digest(model)
-    with torch.no_grad():
-        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] += 1e-7
-    assert weights_digest(model) != before
-    assert weights_digest(model, trainable_only=False) != weights_digest(model)
-
-
 def test_backbone_overrides_apply_to_the_tiny_swin_only():
     assert build_backbone("tiny-swin", 64, {"embed_dim": 8}).config.embed_dim == 8
     with pytest.raises(ValueError, match="only apply to 'tiny-swin'"):
         build_backbone("microsoft/swin-tiny-patch4-window7-224", 224, {"embed_dim": 8})
 
 
+CARD = dict(
+    repo_id="me/tglora", tasks=TASKS, task_groups=TREE, r=8, backbone="microsoft/swin-tiny-patch4-window7-224",
+    dataset="pascal_context", image_size=448, metrics={"semseg": {"mIoU": 67.5}, "normals": {"mean_angular_error": 16.9}},
+    delta_m=3.2, training={"r": 8},
+)  # fmt: skip
+
+
 def test_model_card_names_tasks_tree_metrics_and_loading():
-    card = model_card(
-        repo_id="me/tglora", tasks=TASKS, task_groups=TREE, r=8, backbone="microsoft/swin-tiny-patch4-window7-224",
-        dataset="pascal_context", image_size=448, metrics={"semseg": {"mIoU": 67.5}, "normals": {"mean_angular_error": 16.9}},
-        primary={"semseg": "mIoU"}, delta_m=3.2, training={"r": 8},
-    )  # fmt: skip
-    assert card.startswith("---\nbase_model: microsoft/swin-tiny-patch4-window7-224\n")
-    assert "| 2 | 2 | {semseg} {saliency, normals} |" in card
-    assert "```mermaid\nflowchart LR" in card  # the tree as a picture the Hub draws
-    assert "| semseg | mIoU | **67.5** |" in card and "| normals | mean_angular_error | 16.9 |" in card
-    assert "+3.20%" in card and "import peft_tglora" in card
-    assert 'PeftModel.from_pretrained(base, "me/tglora")' in card
-    local = model_card(repo_id=None, tasks=TASKS, task_groups=TREE, r=8, backbone="tiny-swin", dataset="synthetic",
-                       image_size=64, base_model_included=True)  # fmt: skip
-    assert "base_model:" not in local.split("---")[1] and 'subfolder="base_model"' in local
+    card = model_card(**CARD)
+    assert card.data.base_model == "microsoft/swin-tiny-patch4-window7-224" and card.data.library_name == "peft"
+    assert {"tglora", "pascal_context"} <= set(card.data.tags)
+    text = str(card)
+    assert "| 2 | 2 | {semseg} {saliency, normals} |" in text
+    assert "```mermaid\nflowchart LR" in text  # the tree as a picture the Hub draws
+    assert "| semseg | mIoU | **67.5** |" in text and "| normals | mean_angular_error | **16.9** |" in text
+    assert "+3.20%" in text and "import peft_tglora" in text
+    assert 'PeftModel.from_pretrained(base, "me/tglora")' in text
+    local = model_card(**{**CARD, "repo_id": None, "backbone": "tiny-swin", "image_size": [48, 64]},
+                       base_model_included=True)  # fmt: skip
+    assert local.data.base_model is None and 'subfolder="base_model"' in str(local) and "48x64 px" in str(local)
+
+
+def test_model_card_extends_the_card_peft_wrote(model, tmp_path):
+    model[0].backbone.save_pretrained(tmp_path)
+    peft_card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    peft_lines = [line for line in peft_card.text.splitlines() if line.startswith("- PEFT ")]
+    assert peft_lines  # PEFT's own record of its version
+    write_model_card(tmp_path, **CARD)
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert set(peft_card.data.tags or []) <= set(card.data.tags) and "tglora" in card.data.tags
+    assert all(line in card.text.splitlines() for line in peft_lines) and "# TGLoRA adapter" in card.text
 
 
 def test_tree_table():
@@ -137,7 +143,7 @@ def test_failed_push_returns_none_keeps_files_and_says_how_to_retry(tmp_path, mo
         raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
-    with caplog.at_level(logging.ERROR, logger="peft_tglora.hub"):
+    with caplog.at_level(logging.ERROR, logger="peft_tglora.tasks.hub"):
         assert push_folder(tmp_path, "me/x") is None
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == b"weights"
     message = caplog.records[-1].getMessage()
@@ -154,3 +160,18 @@ def test_checkpoint_hook_drops_frozen_weights_also_under_ddp_names(model):
     buffers = {n for n, _ in model.named_buffers()} & set(model.state_dict())  # persistent ones
     assert set(state) == trainable | buffers and {k.removeprefix("module.") for k in ddp_state} == set(state)
     assert any("running_mean" in k for k in state)  # the heads' norm statistics are kept
+
+
+def test_task_options_name_the_known_tasks():
+    assert parse_image_size("224") == 224 and parse_image_size("120,160") == [120, 160]
+    with pytest.raises(ValueError, match="one side or H,W"):
+        parse_image_size("120x160")
+    assert parse_tasks(None, "synthetic")[:2] == ["semseg", "human_parts"]
+    assert parse_loss_weights("normals=10", "pascal_context", ["semseg", "normals"]) == {
+        "semseg": 1.0,
+        "normals": 10.0,
+    }
+    with pytest.raises(ValueError, match=r"'normal', which is not one of the tasks \['semseg', 'normals'\]"):
+        parse_loss_weights("normal=10", "pascal_context", ["semseg", "normals"])
+    with pytest.raises(ValueError, match="finite number"):
+        parse_loss_weights("normals=nan", "pascal_context", ["normals"])

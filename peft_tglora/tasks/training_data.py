@@ -109,3 +109,59 @@ class SeededMultiTaskDataset(MultiTaskDataset):
         state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state) >> 1)
         return self.transform(dict(self._prepared(int(index))), generator)
+
+
+def check_splits(splits: dict, tasks: Sequence[str], accelerator) -> None:
+    """`check_split` on every split before the first step, each process a share; raises listing every bad row."""
+    from accelerate.utils import gather_object
+
+    errors = []
+    for split, data in splits.items():
+        errors += check_split(
+            data, tasks, split, range(accelerator.process_index, len(data), accelerator.num_processes)
+        )
+    errors = [e for found in gather_object([errors]) for e in found]  # every process raises alike
+    if errors:
+        raise ValueError(
+            f"{len(errors)} rows cannot be used (fix or remove their files; --skip_data_check skips this scan):\n"
+            + "\n".join(errors)
+        )
+
+
+def load_splits(
+    dataset: str,
+    tasks: Sequence[str],
+    eval_split: str,
+    *,
+    root=None,
+    hub_id=None,
+    synthetic_size: int = 64,
+    image_size: int | Sequence[int] = 64,
+    seed: int = 0,
+):
+    """
+    `(train, eval)` of `dataset` from `root` or `hub_id`; `"synthetic"` without either is generated: `synthetic_size`
+    training rows (seed `seed`) and a quarter as many evaluation rows (`seed + 1`), square at the longer side of
+    `image_size` (resized later like any data set), the same in every process, so nothing is shared or downloaded.
+    """
+    from .data import load_multitask_dataset
+    from .synthetic import make_synthetic_multitask
+
+    if dataset == "synthetic" and root is None and hub_id is None:
+        side = image_size if isinstance(image_size, int) else max(image_size)
+        train = make_synthetic_multitask(synthetic_size, side, tasks, seed=seed)
+        return train, make_synthetic_multitask(max(synthetic_size // 4, 8), side, tasks, seed=seed + 1)
+    kwargs = dict(root=root, hub_id=hub_id, tasks=tasks)
+    return load_multitask_dataset(dataset, "train", **kwargs), load_multitask_dataset(dataset, eval_split, **kwargs)
+
+
+def seeded_datasets(train, val, tasks: Sequence[str], image_size, seed: int = 0, cache: bool = False):
+    """
+    `(train_set, eval_set)`: both decode and resize to `image_size` once (training rows kept in memory with `cache`);
+    training samples are then flipped with a per-(seed, epoch, sample) generator, and both are normalised.
+    """
+    from .transforms import Compose, Normalize, RandomHorizontalFlip, Resize
+
+    augment = Compose([RandomHorizontalFlip(0.5), Normalize()])
+    train_set = SeededMultiTaskDataset(train, tasks, augment, seed=seed, prepare=Resize(image_size), cache=cache)
+    return train_set, SeededMultiTaskDataset(val, tasks, Normalize(), prepare=Resize(image_size))  # no randomness
