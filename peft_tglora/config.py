@@ -6,7 +6,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .tree import TaskTree, resolve_task_groups
+from .tree import PRESETS, TaskTree, resolve_tree
 
 
 @dataclass
@@ -24,8 +24,9 @@ class TGLoraConfig(PeftConfig):
             the one before, e.g. `[[["a", "b"]], [["a"], ["b"]]]`. Also accepted: per-stage group counts
             (`[1, 1, 2, 4]` or `"1,1,2,4"`), cut by task similarity when `similarity_file` is given and in listed
             order otherwise; or a preset, `"shared"` (one group at every stage: plain LoRA) or `"per_task"` (one
-            group per task at every stage). Presets and counts are written out as an explicit tree once resolved,
-            so a saved `adapter_config.json` always holds the tree itself.
+            group per task at every stage). Counts are written out as the explicit tree here, a preset when the
+            adapter is injected (it needs the backbone's number of stages), so a saved `adapter_config.json` always
+            holds the tree itself.
         similarity_file (`str`, *optional*):
             A JSON file written by `TaskSimilarity.to_json` (`{"tasks": [...], "matrix": [[...]]}`), used to
             group tasks when `task_groups` gives counts.
@@ -86,36 +87,22 @@ class TGLoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "tglora_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'tglora_only', got {self.bias!r}.")
         self.tasks = list(self.tasks)
-        resolved = resolve_task_groups(self.tasks, self.task_groups, similarity_file=self.similarity_file)
-        if resolved is not None:
-            TaskTree.from_groups(self.tasks, resolved)
-            self.task_groups = resolved
+        if isinstance(self.task_groups, str) and self.task_groups.strip() in PRESETS:
+            # a preset needs the backbone's number of stages: the tuner expands it at injection
+            TaskTree.from_groups(self.tasks, [[self.tasks]])  # checks `tasks`
         else:
-            TaskTree.from_groups(self.tasks, [[self.tasks]])  # validates `tasks` before the preset is expanded
+            # counts need no backbone: written out as the explicit tree now, plain JSON like the rest
+            self.task_groups = resolve_tree(
+                self.tasks, self.task_groups, similarity_file=self.similarity_file
+            ).to_groups()
 
     def resolve_for_backbone(self, num_stages: int, model_name: str = "the backbone") -> TaskTree:
-        """Expand a preset for a backbone with `num_stages` stages and check the tree fits it."""
-        if isinstance(self.task_groups, str):
-            self.task_groups = resolve_task_groups(self.tasks, self.task_groups, num_stages=num_stages)
-        if len(self.task_groups) != num_stages:
-            raise ValueError(
-                f"`task_groups` gives {len(self.task_groups)} stages, but {model_name} has {num_stages}; give one "
-                "partition of the tasks per stage (an unsplit stage is one group of all tasks)."
-            )
-        return self.task_tree
+        """The tree for a backbone with `num_stages` stages, written into `task_groups` as an explicit tree."""
+        tree = resolve_tree(self.tasks, self.task_groups, num_stages, self.similarity_file, model_name)
+        self.task_groups = tree.to_groups()
+        return tree
 
     @property
     def task_tree(self) -> TaskTree:
-        if isinstance(self.task_groups, str):
-            # a preset not expanded yet is a value the user must act on, not a wrong type
-            raise ValueError(  # noqa: TRY004
-                f"The preset task_groups={self.task_groups!r} is expanded when the config meets a backbone; call "
-                "`get_peft_model` first or use `resolve_for_backbone(num_stages)`."
-            )
-        # cached: the stream hooks ask for it on every forward; the key notices a changed `task_groups`
-        key = repr((self.tasks, self.task_groups))
-        cached = self.__dict__.get("_task_tree_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, TaskTree.from_groups(self.tasks, self.task_groups))
-            self.__dict__["_task_tree_cache"] = cached
-        return cached[1]
+        """The tree that `task_groups` describes, built anew on each access (a tuner keeps its own per adapter)."""
+        return resolve_tree(self.tasks, self.task_groups, similarity_file=self.similarity_file)

@@ -61,20 +61,34 @@ class TGLoraModel(BaseTuner):
         name: list(spec.target_modules) for name, spec in BACKBONES.items()
     }
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        # each adapter's task tree, resolved once at injection; the stream hooks read it on every forward
+        self._trees: dict[str, TaskTree] = {}
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    def get_task_tree(self, adapter_name: str | None = None) -> TaskTree:
+        """The task tree of `adapter_name` (default: the active adapter)."""
+        return self._trees[adapter_name or self.active_adapters[0]]
+
     # ------------------------------------------------------------------ injection
 
-    def _prepare_adapter_config(self, peft_config: TGLoraConfig, model_config: dict) -> TGLoraConfig:
-        model_type, spec = get_backbone_spec(self.model)
-        num_stages = len(spec.split_modules(backbone_core(self.model)))
-        tree = peft_config.resolve_for_backbone(num_stages, f"{type(self.model).__name__} ({model_type})")
-        heads = [name for name in spec.multi_stage_heads if getattr(self.model, name, None) is not None]
+    def _resolve_tree(self, peft_config: TGLoraConfig, model: nn.Module) -> TaskTree:
+        model_type, spec = get_backbone_spec(model)
+        num_stages = len(spec.split_modules(backbone_core(model)))
+        # the config keeps the explicit tree, so that a saved adapter_config.json holds the tree itself
+        tree = peft_config.resolve_for_backbone(num_stages, f"{type(model).__name__} ({model_type})")
+        heads = [name for name in spec.multi_stage_heads if getattr(model, name, None) is not None]
         if heads and len(set(tree.groups_per_stage)) > 1:
             raise ValueError(
-                f"`{type(self.model).__name__}.{heads[0]}` reads every stage's output together, so it needs the same "
+                f"`{type(model).__name__}.{heads[0]}` reads every stage's output together, so it needs the same "
                 f"number of task groups at every stage, but `task_groups` has {list(tree.groups_per_stage)} groups "
                 "per stage. Use task_groups='shared' (or 'per_task') with this model, or wrap the backbone alone "
-                f"(`{type(backbone_core(self.model)).__name__}`) and give each task its own decoder on `task_features`."
+                f"(`{type(backbone_core(model)).__name__}`) and give each task its own decoder on `task_features`."
             )
+        return tree
+
+    def _prepare_adapter_config(self, peft_config: TGLoraConfig, model_config: dict) -> TGLoraConfig:
+        _, spec = get_backbone_spec(self.model)
         if peft_config.target_modules is None:
             peft_config.target_modules = list(spec.target_modules)
         self._check_targets(peft_config, self.model)
@@ -127,7 +141,7 @@ class TGLoraModel(BaseTuner):
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         stage = self._stage_of_key(current_key)
-        tree = config.task_tree
+        tree = self._trees[adapter_name]
         layer_kwargs = dict(
             num_groups=tree.groups_per_stage[stage],
             r=config.r,
@@ -149,6 +163,7 @@ class TGLoraModel(BaseTuner):
         # PEFT runs _post_injection_hook for the first adapter only; add_adapter/load_adapter come through here too
         snapshot = ModelSnapshot(self)
         try:
+            self._trees[adapter_name] = self._resolve_tree(self.peft_config[adapter_name], model)
             super().inject_adapter(model, adapter_name, **kwargs)
             if not getattr(self, "_hook_handles", None):
                 self._install_stream_hooks(model)
@@ -174,7 +189,7 @@ class TGLoraModel(BaseTuner):
     # ------------------------------------------------------------------ streams
 
     def _active_tree(self) -> TaskTree | None:
-        trees = {self.peft_config[name].task_tree for name in self.active_adapters if name in self.peft_config}
+        trees = {self._trees[name] for name in self.active_adapters if name in self._trees}
         if len(trees) > 1:
             raise ValueError(
                 f"The active adapters {self.active_adapters} have different task trees; streams follow one tree, so "
@@ -245,6 +260,10 @@ class TGLoraModel(BaseTuner):
         }
         return output
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._trees.pop(adapter_name, None)
+
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         self._streams_disabled = not enabled
         super()._enable_adapter_layers(enabled)
@@ -253,7 +272,7 @@ class TGLoraModel(BaseTuner):
 
     def _grouped_adapters(self, adapter_names: list[str] | None) -> list[str]:
         names = adapter_names or self.active_adapters
-        return [n for n in names if max(self.peft_config[n].task_tree.groups_per_stage) > 1]
+        return [n for n in names if max(self._trees[n].groups_per_stage) > 1]
 
     def _check_merge_is_finite(self, adapter_names: list[str] | None) -> None:
         # every layer is checked before the first weight changes, so a refused safe merge leaves the model as it was
@@ -266,7 +285,7 @@ class TGLoraModel(BaseTuner):
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         for name in self._grouped_adapters(adapter_names):
-            counts = self.peft_config[name].task_tree.groups_per_stage
+            counts = self._trees[name].groups_per_stage
             grouped = [s for s, c in enumerate(counts) if c > 1]
             warnings.warn(
                 f"Adapter {name!r}: stages {grouped} have several task groups and cannot merge into one weight; "
@@ -305,7 +324,7 @@ class TGLoraModel(BaseTuner):
     def export_task(self, task: str, adapter_name: str | None = None) -> nn.Module:
         """A plain copy of the backbone, with `task`'s path merged in: its outputs equal `task_features[task]`."""
         adapter_name = adapter_name or self.active_adapters[0]
-        tree = self.peft_config[adapter_name].task_tree
+        tree = self._trees[adapter_name]
         if task not in tree.tasks:
             raise ValueError(f"Unknown task {task!r}; adapter {adapter_name!r} serves {list(tree.tasks)}.")
         with self._without_stream_hooks():

@@ -7,10 +7,12 @@ splits, child ``g`` starts as a copy of its parent's stream (``parent_indices``)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import pairwise
+from pathlib import Path
 
 
 PRESETS = ("shared", "per_task")
@@ -170,6 +172,32 @@ def resolve_task_groups(
     return [[list(group) for group in stage] for stage in task_groups]
 
 
+def resolve_tree(
+    tasks: Sequence[str],
+    task_groups: str | Sequence,
+    num_stages: int | None = None,
+    similarity_file: str | None = None,
+    model_name: str = "the backbone",
+) -> TaskTree:
+    """The validated tree that a preset, group counts or an explicit tree describe, for a backbone of `num_stages`.
+
+    Without `num_stages` a preset cannot be expanded (it is refused) and the stage count is not checked.
+    """
+    groups = resolve_task_groups(tasks, task_groups, num_stages=num_stages, similarity_file=similarity_file)
+    if groups is None:
+        raise ValueError(
+            f"The preset task_groups={task_groups!r} needs the backbone's number of stages; it is expanded when the "
+            "adapter is injected (`get_peft_model`), or give `num_stages`."
+        )
+    tree = TaskTree.from_groups(tasks, groups)
+    if num_stages is not None and tree.num_stages != num_stages:
+        raise ValueError(
+            f"`task_groups` gives {tree.num_stages} stages, but {model_name} has {num_stages}; give one partition of "
+            "the tasks per stage (an unsplit stage is one group of all tasks)."
+        )
+    return tree
+
+
 def groups_from_counts(tasks: Sequence[str], counts: Sequence[int], similarity_file: str | None) -> list:
     """Cut the tasks into `counts[s]` groups per stage: by similarity when a file is given, else in listed order."""
     tasks = list(tasks)
@@ -182,13 +210,12 @@ def groups_from_counts(tasks: Sequence[str], counts: Sequence[int], similarity_f
                 "decrease from one stage to the next."
             )
     if similarity_file is not None:
-        from .clustering import build_task_tree
-        from .similarity import TaskSimilarity
+        from .clustering import build_task_tree  # numpy only; the gradient tool is not needed to read its output
 
-        similarity = TaskSimilarity.from_json(similarity_file)
-        if sorted(similarity.tasks) != sorted(tasks):
+        similarity = json.loads(Path(similarity_file).read_text())
+        if sorted(similarity.get("tasks", [])) != sorted(tasks):
             raise ValueError(
-                f"The similarity file {similarity_file!r} covers tasks {list(similarity.tasks)}, but the config has "
+                f"The similarity file {similarity_file!r} covers tasks {similarity.get('tasks')}, but the config has "
                 f"{tasks}; compute the similarity for the same tasks."
             )
         return build_task_tree(similarity, groups_per_stage=list(counts), tasks=tasks)

@@ -5,6 +5,9 @@ operation.
 """
 
 import copy
+import dataclasses
+import json
+import sys
 
 import pytest
 import torch
@@ -275,3 +278,28 @@ def test_add_set_delete_adapter(tmp_path, model_type):
     assert not any("default" in layer.tglora_A for layer in adapter_layers(model))
     assert_features(model(x), flat, tol=0)
     assert model(x).last_hidden_state.shape[0] == 2  # one stream: "flat" is the tree now
+
+
+# ---------------------------------------------------------------------------------------------------- the tuner's tree
+
+
+def test_the_config_stays_a_plain_record_and_the_tuner_owns_the_tree():
+    x = pixels()
+    cfg = config("1,1,2,4")
+    model = get_peft_model(tiny_backbone("swin"), cfg)
+    expected = features(model(x))
+    assert set(vars(cfg)) == {f.name for f in dataclasses.fields(cfg)}  # no runtime state (caches) on the config
+    assert cfg.task_groups == TREE  # the explicit tree, as adapter_config.json stores it
+    assert model.get_task_tree().to_groups() == TREE
+    cfg.task_groups = [[TASKS]] * 4  # the layers were built for TREE: editing the record afterwards reroutes nothing
+    assert_features(model(x), expected, tol=0)
+
+
+def test_a_similarity_file_is_read_without_the_gradient_tool(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft_tglora.similarity", None)  # importing it now raises ImportError
+    # a, b alike and c, d alike, listed as a, c, b, d: the similarity cut differs from the listed-order cut
+    matrix = [[1, 0.9, 0, 0], [0.9, 1, 0, 0], [0, 0, 1, 0.8], [0, 0, 0.8, 1]]
+    path = tmp_path / "similarity.json"
+    path.write_text(json.dumps({"tasks": ["a", "b", "c", "d"], "matrix": matrix}))
+    cfg = TGLoraConfig(tasks=["a", "c", "b", "d"], task_groups="1,2", similarity_file=str(path))
+    assert cfg.task_groups == [[["a", "c", "b", "d"]], [["a", "b"], ["c", "d"]]]
