@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._registration import upstream_deprecations_silenced
 from .clustering import build_task_tree
 from .similarity import TaskSimilarity
 
@@ -96,7 +97,7 @@ def compute(args: argparse.Namespace):
     from . import TGLoraConfig
     from .tasks import build_dataloaders, build_heads, get_dataset_spec, load_multitask_dataset
     from .tasks.grouping import default_groups_per_stage, group_tasks, run_losses
-    from .training import build_backbone
+    from .tasks.model import build_backbone
 
     tasks = args.tasks.split(",") if args.tasks else list(get_dataset_spec(args.dataset).tasks)
     if args.demo:
@@ -107,7 +108,8 @@ def compute(args: argparse.Namespace):
         data = load_multitask_dataset(args.dataset, args.split, root=args.data_root, hub_id=args.hub_id, tasks=tasks)
     loader, _ = build_dataloaders(data, data, tasks, image_size=args.image_size, batch_size=args.batch_size)
     base = build_backbone(args.backbone, args.image_size, args.backbone_config)
-    shared = get_peft_model(base, TGLoraConfig(tasks=tasks, task_groups="shared", r=4))
+    with upstream_deprecations_silenced():
+        shared = get_peft_model(base, TGLoraConfig(tasks=tasks, task_groups="shared", r=4))
     shared.eval()
     height, width = (args.image_size,) * 2 if isinstance(args.image_size, int) else args.image_size
     with torch.no_grad():

@@ -120,7 +120,9 @@ def stability_report(
     """Is the tree cut from the seed average also the tree of every seed and of every half of the batches?
 
     Returns a JSON dict: per stage the partition of the average, the fraction of the alternatives (each seed, each
-    half of each seed) that give the same partition and whether all do (``stable``); the partitions themselves; per
+    half of each seed) that give the same partition and whether all do (``stable``), split into ``seed_agreement``
+    (seeds that give the average's partition: heads and batch order) and ``half_agreement`` (halves that give their
+    own seed's partition: too few batches); the partitions themselves; per
     task the within-task consistency (cosine of its mean unit gradients over the even and the odd batches, mean over
     seeds) and its largest between-task value on the same footing (``half_cosine`` off the diagonal).
     """
@@ -136,13 +138,17 @@ def stability_report(
     ]
     stages = []
     for s, count in enumerate(counts):
-        alternatives = [t[s] for t in per_seed] + [t[s] for pair in per_half for t in pair]
+        seeds_same = [tree[s] == t[s] for t in per_seed]  # each seed against the average
+        halves_same = [h[s] == t[s] for t, pair in zip(per_seed, per_half) for h in pair]  # each half against its seed
+        alternatives = [t[s] for t in per_seed] + [h[s] for pair in per_half for h in pair]
         agree = sum(a == tree[s] for a in alternatives)
         stages.append(
             {
                 "groups": count,
                 "partition": tree[s],
                 "agreement": agree / len(alternatives),
+                "seed_agreement": sum(seeds_same) / len(seeds_same),
+                "half_agreement": sum(halves_same) / len(halves_same) if halves_same else None,
                 "stable": agree == len(alternatives),
             }
         )
@@ -165,17 +171,17 @@ def stability_report(
 
 
 def _reinitialise(heads: Mapping[str, nn.Module], seed: int) -> dict[str, nn.Module]:
-    """Fresh copies of the heads, re-initialised from ``seed`` (the paper's randomly initialised heads)."""
-    out = {}
+    """Fresh copies of the heads, re-initialised from ``seed`` (the paper's randomly initialised heads).
+
+    One deep copy of the whole mapping, so tasks that share a head object still share (identical) weights.
+    """
+    heads = copy.deepcopy(dict(heads))
+    unique = {id(m): m for head in heads.values() for m in head.modules() if hasattr(m, "reset_parameters")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for task, head in heads.items():
-            head = copy.deepcopy(head)
-            for module in head.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
-            out[task] = head
-    return out
+        for module in unique.values():
+            module.reset_parameters()
+    return heads
 
 
 def group_tasks(
@@ -256,7 +262,10 @@ def _log(result: TaskGrouping) -> None:
     report = result.stability
     for s, stage in enumerate(report["stages"]):
         groups = " ".join("[" + ", ".join(g) + "]" for g in stage["partition"])
-        logger.info("stage %d: %s  (same for %.0f%% of seeds and halves)", s, groups, 100 * stage["agreement"])
+        halves = "-" if stage["half_agreement"] is None else f"{100 * stage['half_agreement']:.0f}%"
+        logger.info(
+            "stage %d: %s  (seeds agree: %.0f%%, halves: %s)", s, groups, 100 * stage["seed_agreement"], halves
+        )
     for task, value in report.get("within_task", {}).items():
         logger.info("%s: within-task consistency %.2f, largest between-task %.2f", task, value,
                     report["between_task_max"].get(task, float("nan")))  # fmt: skip
