@@ -114,6 +114,9 @@ def test_model_card_extends_the_card_peft_wrote(model, tmp_path):
     write_model_card(tmp_path, **CARD)
     card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
     assert set(peft_card.data.tags or []) <= set(card.data.tags) and "tglora" in card.data.tags
+    write_model_card(tmp_path, **{**CARD, "backbone": "tiny-swin"}, base_model_included=True)
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model is None and not [t for t in card.data.tags if t.startswith("base_model:")]
     assert all(line in card.text.splitlines() for line in peft_lines) and "# TGLoRA adapter" in card.text
 
 

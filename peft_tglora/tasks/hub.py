@@ -158,6 +158,8 @@ def model_card(directory: str | os.PathLike | None = None, **card_kwargs) -> Mod
     # `base_model` must name a Hub model, so a local path or a backbone shipped in the folder is left out
     on_hub = not card_kwargs.get("base_model_included") and not Path(backbone).exists()
     data.base_model = backbone if on_hub else None
+    if not on_hub:  # PEFT tags the adapter `base_model:adapter:<id>`, empty or a local path here
+        data.tags = [t for t in data.tags if not t.startswith("base_model:")]
     peft_section = card.text[card.text.find(PEFT_SECTION) :] if PEFT_SECTION in card.text else ""
     card.text = "\n" + card_text(**card_kwargs) + ("\n" + peft_section if peft_section else "")
     return card
