@@ -19,7 +19,8 @@ RULE_A = (
     "standard errors of the seed-paired difference, with at most 5 % more adapter parameters than either."
 )
 RULE_B = (
-    "(B) holds weakly if the similarity's stage-2 partition is stable (the same from every similarity seed) and its "
+    "(B) holds weakly if the similarity's stage-2 partition is stable (`group_tasks`' report: every seed and each half "
+    "of every seed's batches gives the seed average's partition) and its "
     "seed-0 Δm ranks strictly above the median of the 7 two-group partitions (rank 1-3 of 7; every partition run with "
     "seed 0, so the 7 runs differ only in the partition)."
 )

@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ TASKS = ["semseg", "edges", "saliency", "edge_texture"]
 # settings), not tuned on these data; loss weights are camvid's DatasetSpec defaults, which put the four losses on one
 # scale at initialisation (each worker records its measured initial losses in its JSON: `init_losses`).
 RECIPE = dict(
-    image_size=[120, 160], batch_size=8, epochs=8, learning_rate=2e-3, weight_decay=0.05, warmup_ratio=0.05,
+    image_size=[120, 160], batch_size=8, epochs=6, learning_rate=2e-3, weight_decay=0.05, warmup_ratio=0.05,
     max_grad_norm=5.0, head_width=8, head_hidden=128, head_kernel=1, head_norm="batch", eval_batch_size=16,
 )  # fmt: skip
 # Equal adapter parameters with the tuner's count on tiny-swin: shared r=20 and per-task r=5 both 345,600,
@@ -44,7 +45,8 @@ RECIPE = dict(
 RANKS = dict(shared=20, per_task=5, tree=7)
 EQUAL_RANK = 7  # the equal-rank arm: every variant at r=7 (the tree's runs serve both arms)
 SEEDS = [0, 1, 2]  # key variants; the 6 other partitions, equal-rank runs and sanity rows get seed 0 only
-SIMILARITY = dict(seeds=[0, 1, 2], num_batches=8, head_warmup_steps=20, head_warmup_lr=1e-3)
+# group_tasks' defaults (measured on CamVid by benchmarks/bench_similarity_stability.py)
+SIMILARITY = dict(seeds=[0, 1, 2], num_batches=16, head_warmup_steps=10, head_warmup_lr=1e-3)
 QUICK = dict(train_frames=16, eval_frames=8, max_steps=2, similarity_batches=2, similarity_warmup=1)
 
 
@@ -214,7 +216,9 @@ def report(out: Path, quick: bool = False, results_md: Path | None = None, title
     if similarity is not None:
         table += (
             f"\n\nSimilarity's partition: {similarity['row_name']} (per seed: "
-            f"{'; '.join(similarity['seed_partitions'])}; stable: {similarity['stable']})."
+            f"{'; '.join(similarity['seed_partitions'])}; per half of each seed's batches: "
+            f"{'; '.join(' & '.join(pair) for pair in similarity['half_partitions'])}; stable: {similarity['stable']}; "
+            f"{len(similarity['seeds'])} seeds x {similarity['num_batches']} batches)."
         )
     if wall:
         table += f" Benchmark wall time: {wall['wall_s'] / 60:.1f} min."
@@ -229,21 +233,27 @@ def report(out: Path, quick: bool = False, results_md: Path | None = None, title
         section = "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"
         text = results_md.read_text()
         text = text.split("\n" + section)[0].rstrip("\n")  # this section is always the last one: replace it
-        results_md.write_text(f"{text}\n\n{section}\n\n{PROTOCOL}\n\n{table}\n")
+        protocol = textwrap.fill(" ".join(PROTOCOL.split()), 119, break_on_hyphens=False)
+        results_md.write_text(f"{text}\n\n{section}\n\n{protocol}\n\n{table}\n")
     return result
 
 
-PROTOCOL = """\
+PROTOCOL = f"""\
 `python benchmarks/bench_accuracy.py run` (camvid_mt train 367 frames → val 101 frames, 120x160; val shares sequence
 0016E5 with 204 train frames, so these are optimistic val scores; the hidden test split is scored with `evaluate`).
 Frozen tiny-swin (2.3M parameters, embed 32, depths 2-2-2-2) pretrained on CIFAR-10 at 64 px
-(`pretrain_backbone.py`); the recipe (`RECIPE` in the script: AdamW lr 2e-3, cosine with 5 % warm-up, batch 8, 8
-epochs, heads of width 8 / fusion 128, camvid's default loss weights) comes from the demo preset, was not tuned on
-these data, and is the same for every row. Equal-parameter arm: shared r=20, per-task r=5, trees 1,1,2,4 r=7
-(adapter parameters counted by the tuner). Equal-rank arm: every variant at r=7. Δm is against single-task LoRA
-(one task, shared r=20, same recipe), the mean over its seeds. Single-threaded workers, two at a time. Scale
-caveats: a 2.3M-parameter backbone pretrained on CIFAR, 160x120 frames, three of the four tasks derived from one
-label map; these results say nothing about Swin-T on PASCAL-Context."""
+(`pretrain_backbone.py`). The recipe (`RECIPE` in the script: AdamW lr {RECIPE["learning_rate"]}, cosine with
+{RECIPE["warmup_ratio"]:.0%} warm-up, batch {RECIPE["batch_size"]}, {RECIPE["epochs"]} epochs, heads of width
+{RECIPE["head_width"]} / fusion {RECIPE["head_hidden"]}, camvid's default loss weights) comes from the demo preset, was
+not tuned on these data, and is the same for every row; the epochs were set from a measured epoch of the costliest
+variant so that the whole benchmark fits 45 minutes on an idle 2-core CPU. Equal-parameter arm: shared
+r={RANKS["shared"]}, per-task r={RANKS["per_task"]}, trees 1,1,2,4 r={RANKS["tree"]} (adapter parameters counted by
+the tuner). Equal-rank arm: every variant at r={EQUAL_RANK} (tglora_sim serves both arms). Seeds {SEEDS} for shared,
+per-task, tglora_sim and the single-task reference; seed 0 only for the other 6 partitions, the equal-rank arm and
+the sanity rows (budget). Δm is against single-task LoRA (one task, shared r={RANKS["shared"]}, same recipe), the mean
+over its seeds. Single-threaded workers, two at a time. Scale caveats: a 2.3M-parameter backbone pretrained on
+CIFAR-10, 160x120 frames, three of the four tasks derived from one label map; nothing here speaks for Swin-T on
+PASCAL-Context."""
 
 
 def evaluate_saved(args) -> None:

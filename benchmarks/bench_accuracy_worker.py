@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 NUM_CLASSES = {"semseg": 11}
@@ -239,13 +238,15 @@ QUICK_STEPS = 2
 
 
 def similarity_run(job: dict) -> dict:
-    """The paper's gradient similarity on the frozen pretrained backbone, once per seed; the tree from the mean."""
+    """
+    The paper's gradient similarity on the frozen pretrained backbone with the run's heads and losses, averaged over
+    seeds by `peft_tglora.tasks.grouping.group_tasks`, which also reports whether each seed and each half of the
+    batches gives the average's partition (its stage-2 `stable` flag is rule (B)'s stability).
+    """
     from accuracy_report import partition_label, tree_for_partition
     from bench_accuracy import QUICK, SIMILARITY, TASKS
 
-    from peft_tglora.clustering import build_task_tree
-    from peft_tglora.similarity import compute_task_similarity
-    from peft_tglora.tasks import task_loss
+    from peft_tglora.tasks.grouping import group_tasks, run_losses
 
     recipe, tasks = job["recipe"], job.get("tasks") or TASKS
     cpu0 = time.process_time()
@@ -253,33 +254,24 @@ def similarity_run(job: dict) -> dict:
     seeds = SIMILARITY["seeds"][:1] if job.get("quick") else SIMILARITY["seeds"]
     num_batches = QUICK["similarity_batches"] if job.get("quick") else SIMILARITY["num_batches"]
     warmup = QUICK["similarity_warmup"] if job.get("quick") else SIMILARITY["head_warmup_steps"]
-
-    def loss_for(task):
-        def loss(prediction, batch):  # heads give stage-0 resolution; the loss wants the label's
-            size = batch[task].shape[-2:]
-            return task_loss(task, F.interpolate(prediction, size=size, mode="bilinear", align_corners=False), batch)
-
-        return loss
-
-    matrices, seed_partitions = [], []
-    for seed in seeds:
-        backbone = _peft(dict(job, tasks=tasks, task_groups="shared", r=1, seed=seed), _backbone(job))
-        heads, _ = _heads(dict(job, tasks=tasks, seed=seed), backbone, recipe)
-        sim = compute_task_similarity(
-            backbone, dict(heads), {t: loss_for(t) for t in tasks}, _train_loader(train, tasks, recipe, seed),
-            num_batches=num_batches, seed=seed, head_warmup_steps=warmup,
-            head_warmup_lr=SIMILARITY["head_warmup_lr"], disable_progress=True,
-        )  # fmt: skip
-        matrices.append(sim.matrix.tolist())
-        seed_partitions.append(build_task_tree(sim.matrix, [1, 1, 2, 4], tasks=tasks)[2])
-    mean = np.mean(np.asarray(matrices), axis=0)
-    partition = build_task_tree(mean, [1, 1, 2, 4], tasks=tasks)[2]
+    backbone = _peft(dict(job, tasks=tasks, task_groups="shared", r=1, seed=0), _backbone(job))
+    heads, _ = _heads(dict(job, tasks=tasks, seed=0), backbone, recipe)  # re-initialised from each seed
+    grouping = group_tasks(
+        backbone, dict(heads), run_losses(tasks), _train_loader(train, tasks, recipe, 0), [1, 1, 2, 4],
+        num_batches=num_batches, seeds=seeds, head_warmup_steps=warmup, head_warmup_lr=SIMILARITY["head_warmup_lr"],
+        disable_progress=True,
+    )  # fmt: skip
+    report = grouping.stability
+    stage = report["stages"][2]
+    partition = stage["partition"]
     return dict(
-        kind="similarity", tasks=tasks, seeds=seeds, num_batches=num_batches, head_warmup_steps=warmup,
-        matrices=matrices, mean_matrix=mean.tolist(), partition=partition,
+        kind="similarity", tasks=tasks, seeds=list(seeds), num_batches=num_batches, head_warmup_steps=warmup,
+        mean_matrix=np.asarray(grouping.similarity.matrix).tolist(), partition=partition,
         tree=tree_for_partition(tasks, partition), row_name=f"partition {partition_label(partition)}",
-        seed_partitions=[partition_label(p) for p in seed_partitions],
-        stable=all(p == partition for p in seed_partitions), cpu_s=round(time.process_time() - cpu0, 1),
+        seed_partitions=[partition_label(t[2]) for t in report["partitions_per_seed"]],
+        half_partitions=[[partition_label(h[2]) for h in pair] for pair in report["partitions_per_half"]],
+        stable=bool(stage["stable"]), seed_agreement=stage["seed_agreement"], half_agreement=stage["half_agreement"],
+        stability=report, cpu_s=round(time.process_time() - cpu0, 1),
     )  # fmt: skip
 
 

@@ -104,3 +104,30 @@ def test_quick_run_and_evaluate_reproduce_the_saved_metrics(tmp_path):
         for task in TASKS:
             for key, value in run["metrics"][task].items():
                 assert again[task][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, task, key)
+
+
+def test_plan_and_equal_parameter_ranks():
+    import bench_accuracy as bench
+    import torch
+    from peft import get_peft_model
+    from transformers import SwinConfig, SwinModel
+
+    import peft_tglora  # noqa: F401
+    from peft_tglora import TGLoraConfig
+
+    key = bench.plan()
+    names = [j["name"] for j in key]
+    for row in ("shared", "per_task", *(f"single_task {t}" for t in TASKS)):
+        assert sorted(j["seed"] for j in key if j["name"] == row) == bench.SEEDS
+    assert sum(n.startswith("partition") for n in names) == 7
+    extra = bench.plan(rep.two_group_partitions(TASKS)[1])
+    assert sorted(j["seed"] for j in extra if j["name"] == "tglora_sim") == bench.SEEDS[1:]
+    # the equal-parameter ranks, counted by the tuner on the benchmark's backbone architecture
+    counts = {}
+    for name, groups in (("shared", "shared"), ("per_task", "per_task"), ("tree", [1, 1, 2, 4])):
+        torch.manual_seed(0)
+        config = SwinConfig(image_size=64, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=2)
+        model = get_peft_model(SwinModel(config), TGLoraConfig(tasks=TASKS, task_groups=groups, r=bench.RANKS[name]))
+        counts[name] = model.get_nb_trainable_parameters()[0]
+    assert counts["shared"] == counts["per_task"]
+    assert abs(counts["tree"] / counts["shared"] - 1) < 0.05, counts
