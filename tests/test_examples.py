@@ -366,6 +366,15 @@ def test_resume_without_rng_state_warns(tmp_path):
         run_training("--max_train_steps", 2, "--output_dir", out, "--resume_from_checkpoint", "latest")
 
 
+def test_resume_from_a_damaged_checkpoint_names_it(tmp_path):
+    out = tmp_path / "out"
+    run_training("--max_train_steps", 2, "--checkpointing_steps", 1, "--stop_after_steps", 1, "--output_dir", out)
+    damaged = out / "checkpoints" / "step_1"
+    (damaged / "optimizer.bin").write_bytes((damaged / "optimizer.bin").read_bytes()[:100])  # a truncated file
+    with pytest.raises(RuntimeError, match=f"Cannot resume from '{damaged}'.*damaged"):
+        run_training("--max_train_steps", 2, "--output_dir", out, "--resume_from_checkpoint", damaged)
+
+
 def test_new_run_into_a_folder_with_checkpoints_is_refused_unless_overwritten(tmp_path):
     out = tmp_path / "out"
     run_training("--max_train_steps", 2, "--checkpointing_steps", 1, "--output_dir", out)
