@@ -303,3 +303,15 @@ def test_a_similarity_file_is_read_without_the_gradient_tool(tmp_path, monkeypat
     path.write_text(json.dumps({"tasks": ["a", "b", "c", "d"], "matrix": matrix}))
     cfg = TGLoraConfig(tasks=["a", "c", "b", "d"], task_groups="1,2", similarity_file=str(path))
     assert cfg.task_groups == [[["a", "c", "b", "d"]], [["a", "b"], ["c", "d"]]]
+
+
+def test_refused_add_adapter_leaves_the_model_as_it_was():
+    x = pixels()
+    model = tglora("swin")
+    expected = features(model(x))
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="a Conv2d; TGLoRA adapts `nn.Linear` only"):
+        model.add_adapter("bad", config(target_modules=["mlp.fc1", "projection"]))
+    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["default"]
+    assert_features(model(x), expected, tol=0)
