@@ -165,7 +165,8 @@ def markdown(runs: Sequence[Mapping], tasks: Sequence[str], reference: Mapping, 
         cpu = mean_se([r["cpu_s"] for r in seeds.values()])[0]
         lines.append(
             f"| {name} | {first['arm']} | {first['r']} | {len(seeds)} | " + " | ".join(cells)
-            + f" | {_fmt(*mean_se(dm_vals)[:2]) if dm_vals else 'ref'} | {first['adapter_params']:,} "
+            + f" | {_fmt(*mean_se(dm_vals)[:2]) if dm_vals else ('ref' if first['variant'] == 'single_task' else '–')} "
+            f"| {first['adapter_params']:,} "
             f"| {first['head_params']:,} | {first['macs'] / 1e6:.0f} | {cpu:.0f} |"
         )  # fmt: skip
     lines += ["", "Seed-paired Δm differences (equal-parameter arm):", ""]

@@ -283,6 +283,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--backbone", default="tiny-swin", help="pretrain_backbone.py name, a folder, or random-tiny-swin")
     p.add_argument("--data_root", default=DATA_ROOT)
+    p.add_argument("--dry", action="store_true", help="report: print only; RESULTS.md is left alone")
     p.add_argument("--resume", action="store_true", help="run: skip runs whose summary JSON is already in --out")
     p.add_argument("--epochs", type=int, default=None, help="override RECIPE's epochs (budget measurements only)")
     p.add_argument("--eval_root", default=DATA_ROOT, help="evaluate: a folder in the camvid_mt layout")
@@ -297,7 +298,8 @@ def main(argv=None) -> None:
     elif args.command == "run":
         run_all(args)
     elif args.command == "report":
-        report(Path(args.out), quick=args.quick, results_md=None if args.quick else REPO / "benchmarks" / "RESULTS.md")
+        write = not (args.quick or args.dry)
+        report(Path(args.out), quick=args.quick, results_md=REPO / "benchmarks" / "RESULTS.md" if write else None)
     else:
         evaluate_saved(args)
 

@@ -188,7 +188,9 @@ def train_run(job: dict) -> dict:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     train, val = _datasets(job, tasks)
     loader = _train_loader(train, tasks, recipe, seed)
-    backbone = _peft(job, _backbone(job))
+    base = _backbone(job)
+    torch.manual_seed(seed)  # LoRA's A matrices; runs with one seed share adapter init, head init and data order
+    backbone = _peft(job, base)
     adapter_params = sum(p.numel() for p in backbone.parameters() if p.requires_grad)  # the tuner's trainable count
     heads, head_config = _heads(job, backbone, recipe)
     model = MultiTaskModel(backbone, heads)
