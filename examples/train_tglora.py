@@ -29,11 +29,13 @@ from transformers import get_cosine_schedule_with_warmup
 import peft_tglora  # noqa: F401  (registers TGLoRA with PEFT)
 import peft_tglora.tasks.model as multitask
 from peft_tglora import TGLoraConfig
+from peft_tglora._registration import upstream_deprecations_silenced
 from peft_tglora.tasks import (
     DATASETS,
     collate,
     delta_m,
     evaluation,
+    grouping,
     hub,
     multitask_loss,
     options,
@@ -92,7 +94,8 @@ def build_model(config, args, save_base_to=None):
         tasks=config["tasks"], task_groups=config["task_groups"], similarity_file=config["similarity_file"],
         r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
     )  # fmt: skip
-    backbone = get_peft_model(backbone, peft_config)
+    with upstream_deprecations_silenced():  # PEFT 0.21 reads a deprecated transformers property
+        backbone = get_peft_model(backbone, peft_config)
     if args.gradient_checkpointing:  # after wrapping, non-reentrant: see PEFT_NOTES 1.9
         backbone.base_model.model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -138,6 +141,10 @@ def training_function(config, args):
     safeguards.check_output_dir(accelerator, output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
 
     train_dataloader, eval_dataloader = get_dataloaders(config, args, accelerator)
+    if str(config["task_groups"]).startswith("auto"):  # the tree from a gradient similarity on the frozen backbone
+        shared = build_model({**config, "task_groups": "shared"}, args)  # writes similarity.json/.png, logs the tree
+        config["task_groups"] = grouping.auto_task_groups(shared, train_dataloader, config["task_groups"], output_dir,
+                                                          accelerator=accelerator).tree  # fmt: skip
     random_backbone = config["backbone"] == "tiny-swin" and accelerator.is_main_process
     model = build_model(config, args, output_dir / multitask.BASE_MODEL_DIR if random_backbone else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -269,7 +276,7 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="tiny-swin", help="'tiny-swin' (random init) or a Hub id / path.")
     p.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS))
     p.add_argument("--tasks", default=None, help="Comma-separated; default: the dataset's tasks.")
-    p.add_argument("--task_groups", default="1,1,2,4", help="Groups per stage, 'shared', 'per_task' or a JSON tree.")
+    p.add_argument("--task_groups", default="1,1,2,4", help="1,1,2,4, shared, per_task, JSON tree, auto:1,1,2,4.")
     p.add_argument("--similarity_file", default=None, help="Similarity JSON to group tasks by.")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--lora_alpha", type=int, default=None, help="Default: r.")

@@ -7,7 +7,9 @@ upgrades, so it lives alone here with its own test.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 
 from peft.utils import PeftType, register_peft_method
 
@@ -73,6 +75,16 @@ def _roll_back_failed_loads() -> None:
     load_adapter_or_roll_back._rolls_back = True
     PeftModel.load_adapter = load_adapter_or_roll_back
     PeftModel.from_pretrained = classmethod(from_pretrained_or_roll_back)
+
+
+@contextlib.contextmanager
+def upstream_deprecations_silenced():
+    """Hide the FutureWarning that PEFT 0.21's `PeftModel.__init__` raises by reading transformers' deprecated
+    `is_gradient_checkpointing`: nothing a user can act on. Our own calls of `get_peft_model` and
+    `PeftModel.from_pretrained` run inside this; other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def register() -> None:

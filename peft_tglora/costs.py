@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._registration import upstream_deprecations_silenced
 from .backbones import backbone_core, get_backbone_spec
 from .clustering import build_task_tree, similarity_inputs
 from .config import TGLoraConfig
@@ -271,7 +272,8 @@ def tree_costs(
     _, spec = get_backbone_spec(backbone)
     num_stages = len(spec.split_modules(backbone_core(backbone)))
     config = _tglora_config(tree, tasks, num_stages, **adapter_kwargs)
-    model = get_peft_model(backbone, config).eval()
+    with upstream_deprecations_silenced():
+        model = get_peft_model(backbone, config).eval()
     modules, stage_of = _stage_index(model.get_base_model())
     pixel_values = torch.zeros(1, backbone.config.num_channels, *size, device=device)
 

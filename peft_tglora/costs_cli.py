@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
+from ._registration import upstream_deprecations_silenced
 from .clustering import build_task_tree
 from .config import TGLoraConfig
 from .costs import BACKBONE_PRESETS, TreeCost, _build_backbone, _image_size, tree_costs, trees_within_budget
@@ -59,7 +60,8 @@ def markdown_table(costs: Sequence[TreeCost], marks: Mapping[int, str] | None = 
 def stage_channels(model_or_config, image_size: int | tuple[int, int]) -> list[int]:
     """Channels of each stage's feature map (what per-task heads take), read from one meta forward."""
     size = _image_size(image_size)
-    model = get_peft_model(_build_backbone(model_or_config, size, "meta"), TGLoraConfig(tasks=["probe"]))
+    with upstream_deprecations_silenced():
+        model = get_peft_model(_build_backbone(model_or_config, size, "meta"), TGLoraConfig(tasks=["probe"]))
     with torch.no_grad():
         output = model(torch.zeros(1, model.config.num_channels, *size, device="meta"))
     return [f.shape[1] for f in output.task_features["probe"]]

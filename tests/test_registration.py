@@ -1,9 +1,11 @@
 """The PEFT glue: a `PeftType` member added without editing PEFT, registered once however often it runs."""
 
+import contextlib
 import importlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import peft
@@ -56,3 +58,23 @@ def test_without_the_import_peft_knows_nothing_of_tglora(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "KeyError: 'TGLORA'", proc.stderr[-2000:]
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "KeyError: 'TGLORA'" in readme and "import peft_tglora" in readme
+
+
+def test_upstream_deprecation_is_silenced_in_our_calls_only():
+    # PEFT 0.21's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing`; when an upgrade
+    # stops it, the first assertion fails and `upstream_deprecations_silenced` can go
+    from backbones import tiny_backbone
+    from peft import get_peft_model
+
+    from peft_tglora._registration import upstream_deprecations_silenced
+
+    def future_warnings(silenced):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with upstream_deprecations_silenced() if silenced else contextlib.nullcontext():
+                get_peft_model(tiny_backbone("swin"), TGLoraConfig(tasks=["a", "b"], r=2))
+                warnings.warn("still shown", FutureWarning)
+        return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+    assert any("is_gradient_checkpointing" in m for m in future_warnings(silenced=False))
+    assert future_warnings(silenced=True) == ["still shown"]

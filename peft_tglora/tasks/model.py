@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .._registration import upstream_deprecations_silenced
 from .heads import MultiScaleHead
 from .specs import get_dataset_spec, num_outputs_for
 
@@ -167,7 +168,8 @@ def load_multitask_model(
         base_model = AutoModel.from_pretrained(source)
     # from the id, not the folder, so that PEFT's own Hub path (cache, offline mode) is the one exercised
     adapter = name_or_path if not Path(name_or_path).is_dir() else folder
-    backbone = PeftModel.from_pretrained(base_model, str(adapter), revision=revision)
+    with upstream_deprecations_silenced():
+        backbone = PeftModel.from_pretrained(base_model, str(adapter), revision=revision)
     return MultiTaskModel(backbone, heads).eval(), heads.info
 
 
