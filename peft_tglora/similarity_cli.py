@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._registration import upstream_deprecations_silenced
-from ._registration import upstream_deprecations_silenced
 from .clustering import build_task_tree
 from .similarity import TaskSimilarity
 
@@ -110,7 +109,6 @@ def compute(args: argparse.Namespace):
     loader, _ = build_dataloaders(data, data, tasks, image_size=args.image_size, batch_size=args.batch_size)
     base = build_backbone(args.backbone, args.image_size, args.backbone_config)
     with upstream_deprecations_silenced():
-        with upstream_deprecations_silenced():
         shared = get_peft_model(base, TGLoraConfig(tasks=tasks, task_groups="shared", r=4))
     shared.eval()
     height, width = (args.image_size,) * 2 if isinstance(args.image_size, int) else args.image_size
