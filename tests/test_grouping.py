@@ -179,3 +179,43 @@ def test_default_groups_per_stage():
     assert default_groups_per_stage(4, 4) == [1, 1, 2, 4]
     assert default_groups_per_stage(3, 2) == [2, 3]
     assert default_groups_per_stage(1, 4) == [1, 1, 1, 1]
+
+
+def test_train_tglora_auto_groups_from_the_similarity(tmp_path):
+    """`--task_groups auto:1,1,2,4`: similarity with the run's heads and loader, files next to the run, then 2 steps."""
+    import importlib.util
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from peft_tglora.clustering import build_task_tree
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_tglora.py"
+    spec = importlib.util.spec_from_file_location("train_tglora", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tasks = "semseg,human_parts,saliency,normals"
+    argv = [
+        "--tasks", tasks, "--task_groups", "auto:1,1,2,4", "--image_size", "64", "--synthetic_size", "16", "--r", "4",
+        "--head_width", "4", "--head_hidden", "16", "--batch_size", "4", "--max_train_steps", "2",
+        "--backbone_config", '{"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}',
+        "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        example.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    sim = TaskSimilarity.from_json(tmp_path / "similarity.json")
+    assert sim.tasks == tasks.split(",") and sim.stability["seeds"] == [0, 1, 2]
+    assert (tmp_path / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    trained = json.loads((tmp_path / "adapter_config.json").read_text())["task_groups"]
+    # the adapter was trained with the tree cut from the similarity it wrote, and that tree is the one logged
+    assert (
+        trained
+        == build_task_tree(sim, [1, 1, 2, 4])
+        == json.loads((tmp_path / "task_tree.json").read_text())["task_groups"]
+    )
+    assert json.loads((tmp_path / "all_results.json").read_text())["steps"] == 2
