@@ -17,6 +17,7 @@ real run; the decision rules are in `accuracy_report.py`.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import json
 import os
@@ -24,6 +25,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -121,25 +123,59 @@ def run_all(args) -> None:
     common = dict(backbone=str(resolve_backbone(args.backbone, out)), data_root=str(args.data_root), out=str(out),
                   quick=args.quick, resume=args.resume, recipe=dict(RECIPE, epochs=args.epochs or RECIPE["epochs"]))  # fmt: skip
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        if args.quick:  # in this process beside the two workers: one round of process start-ups instead of two
+    if args.quick:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
             futures = [pool.submit(launch, dict(job, **common), out) for job in plan(quick=True)]
-            sim = similarity_inline(dict(kind="similarity", **common), out)
-        else:
-            similarity = pool.submit(launch, dict(kind="similarity", **common), out)
-            futures = [pool.submit(launch, dict(job, **common), out) for job in plan()]
-            sim = similarity.result()
-        if "error" in sim:
-            raise RuntimeError(f"The similarity worker failed:\n{sim['log_tail']}")
-        partition = sim["partition"]
-        futures += [pool.submit(launch, dict(job, **common), out) for job in plan(partition, quick=args.quick)]
-        failed = [r for r in (f.result() for f in futures) if "error" in r]
+            # in this process beside the two workers: one round of process start-ups instead of two
+            similarity_inline(dict(kind="similarity", **common), out)
+            results = [f.result() for f in futures]
+    else:
+        results = schedule(common, out)
+    failed = [r for r in results if "error" in r]
     wall = time.perf_counter() - start
     (out / "wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "quick": args.quick}) + "\n")
     print(f"wall time {wall / 60:.1f} min; {len(failed)} failed runs")
     for r in failed:
         print(f"FAILED {r['name']}:\n{r['log_tail']}")
     report(out, quick=args.quick, results_md=None if args.quick else REPO / "benchmarks" / "RESULTS.md")
+
+
+def schedule(common: dict, out: Path) -> list[dict]:
+    """
+    Two worker slots over one queue. The similarity runs first; when it is done, its partition's seed-0 run and
+    tglora_sim's seeds 1-2 move to the front (rule A needs them), and the equal-rank and sanity rows go to the back.
+    """
+    queue = collections.deque([dict(kind="similarity"), *plan()])
+    results, cond, busy = [], threading.Condition(), [0]
+
+    def slot():
+        while True:
+            with cond:
+                cond.wait_for(lambda: queue or not busy[0])
+                if not queue:
+                    cond.notify_all()
+                    return
+                job = queue.popleft()
+                busy[0] += 1
+            result = launch(dict(job, **common), out)
+            with cond:
+                results.append(result)
+                if job["kind"] == "similarity" and "error" not in result:
+                    extra = plan(result["partition"])
+                    own = [j for j in queue if j["name"] == result["row_name"]]  # the partition's seed-0 run
+                    for j in own:
+                        queue.remove(j)
+                    queue.extendleft(reversed(own + [j for j in extra if j["name"] == "tglora_sim"]))
+                    queue.extend(j for j in extra if j["name"] != "tglora_sim")
+                busy[0] -= 1
+                cond.notify_all()
+
+    threads = [threading.Thread(target=slot) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def similarity_inline(job: dict, out: Path) -> dict:
