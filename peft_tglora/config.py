@@ -67,9 +67,6 @@ class TGLoraConfig(PeftConfig):
     bias: Literal["none", "all", "tglora_only"] = field(default="none", metadata={"help": "Which biases to train."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
     init_lora_weights: bool = field(default=True, metadata={"help": "Zero B at init (identity adapter)."})
-    # read by PEFT's target matching; not TGLoRA options
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Unused; PEFT matching."})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Unused; PEFT matching."})
 
     def __post_init__(self):
         super().__post_init__()

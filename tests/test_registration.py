@@ -78,3 +78,14 @@ def test_upstream_deprecation_is_silenced_in_our_calls_only():
 
     assert any("is_gradient_checkpointing" in m for m in future_warnings(silenced=False))
     assert future_warnings(silenced=True) == ["still shown"]
+
+
+def test_every_config_option_is_documented():
+    # the options TGLoRA adds to PeftConfig, each with its entry in the class docstring (no unused fields kept)
+    from dataclasses import fields
+
+    from peft.config import PeftConfig
+
+    ours = {f.name for f in fields(TGLoraConfig)} - {f.name for f in fields(PeftConfig)}
+    undocumented = sorted(name for name in ours if f"    {name} (`" not in TGLoraConfig.__doc__)
+    assert ours and not undocumented, undocumented
