@@ -1,9 +1,10 @@
 """TGLoRA: task-grouped LoRA for multi-task dense prediction, as a PEFT method.
 
 `import peft_tglora` registers the method with PEFT; after that `get_peft_model`, `PeftModel.from_pretrained` and the
-rest work as they do for LoRA. Loading a saved TGLoRA adapter needs it too: without it PEFT raises
-`KeyError: 'TGLORA'` (nothing registers TGLoRA at interpreter start). It imports the tuner only: the gradient tool (`peft_tglora.similarity`), the training
-helpers (`peft_tglora.tasks`) and plotting are imported by name when needed (`TaskSimilarity` is plain data).
+rest work as they do for LoRA. Loading a saved TGLoRA adapter needs it too: without it PEFT raises `KeyError: 'TGLORA'`
+(nothing registers TGLoRA at interpreter start). It imports the tuner only: the gradient tool
+(`peft_tglora.similarity`), the training helpers (`peft_tglora.tasks`) and plotting are imported by name when needed
+(`TaskSimilarity` is plain data).
 """
 
 from ._registration import _add_peft_type_member
