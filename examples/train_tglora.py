@@ -68,8 +68,9 @@ def get_dataloaders(config, args, accelerator):
         )  # fmt: skip
     if not args.skip_data_check:
         training_data.check_splits({"train": train, args.eval_split: val}, tasks, accelerator)
-    # decode + resize once (cached with --cache_decoded), then flip and normalise with a per-sample seed
-    train_set, eval_set = training_data.seeded_datasets(train, val, tasks, size, config["seed"], args.cache_decoded)
+    # decode + resize once (cached with --cache_decoded), then scale / rotate, flip, normalise with a per-sample seed
+    augment = options.augmentation(args.augmentation, args.dataset)
+    train_set, eval_set = training_data.seeded_datasets(train, val, tasks, size, config["seed"], args.cache_decoded, augment)  # fmt: skip
     common = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
     # own generators: starting an epoch or an evaluation then draws no number from the global RNG, which dropout and
     # stochastic depth use, so a resumed run's model sees the same random numbers as an uninterrupted one
@@ -304,6 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--cache_decoded", action="store_true", help="Keep decoded training images in memory.")
+    p.add_argument("--augmentation", default="reference", choices=["reference", "scale_rotate", "flip"])
     p.add_argument("--output_dir", default="tglora-output")
     p.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
     p.add_argument("--skip_data_check", action="store_true", help="Skip decoding every row before training.")

@@ -149,3 +149,19 @@ def test_camvid_loads_all_tasks_at_its_own_size():
     # the stored mean (stats_train.json: 0.0139 over the split) is of the order the README gives
     assert 0.0 < texture.mean().item() < 0.05
     assert not math.isnan(texture.sum().item())
+
+
+def test_training_options_pascal_edges_and_augmentation_choice():
+    from peft_tglora.tasks import options
+    from peft_tglora.tasks.transforms import RandomScaleRotate
+
+    assert options.parse_tasks(None, "pascal_context") == ["semseg", "human_parts", "saliency", "normals"]
+    assert options.parse_tasks("semseg,edges", "pascal_context") == ["semseg", "edges"]  # PASCAL_MT ships edges
+    with pytest.raises(ValueError, match="edge_texture"):
+        options.parse_tasks("edge_texture", "pascal_context")
+    (pascal,) = options.augmentation("reference", "pascal_context")
+    assert isinstance(pascal, RandomScaleRotate) and (pascal.scales, pascal.rotations) == ((0.75, 1.25), (-20.0, 20.0))
+    assert options.augmentation("reference", "camvid") == []  # no reference recipe: flip only
+    (borrowed,) = options.augmentation("scale_rotate", "camvid")
+    assert (borrowed.scales, borrowed.rotations) == ((0.75, 1.25), (-20.0, 20.0))
+    assert options.augmentation("flip", "nyud") == []

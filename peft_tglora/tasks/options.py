@@ -24,9 +24,10 @@ def parse_image_size(value: str) -> int | list[int]:
 
 
 def parse_tasks(value: str | None, dataset: str) -> list[str]:
-    """Comma-separated task names (default: all of `dataset`'s), each one a task of `dataset`."""
-    known = list(get_dataset_spec(dataset).tasks)
-    tasks = [t.strip() for t in value.split(",")] if value else known
+    """Comma-separated task names (default: `dataset`'s default tasks), each one a task `dataset` provides."""
+    spec = get_dataset_spec(dataset)
+    known = [*spec.tasks, *spec.extra_tasks]
+    tasks = [t.strip() for t in value.split(",")] if value else list(spec.tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         table = f" (tasks in the table: {sorted(TASKS)})" if set(unknown) - set(TASKS) else ""
@@ -48,3 +49,18 @@ def parse_loss_weights(value: str | None, dataset: str, tasks: Sequence[str]) ->
         if not math.isfinite(weights[task]) or weights[task] < 0:
             raise ValueError(f"--loss_weights {item!r}: the weight must be a finite number >= 0.")
     return weights
+
+
+def augmentation(choice: str, dataset: str) -> list:
+    """
+    Transforms before the flip: `"reference"` the data set's own scale / rotation recipe (PASCAL, NYUD; none for the
+    others), `"scale_rotate"` that or PASCAL's where the data set has none, `"flip"` nothing more.
+    """
+    from .transforms import reference_augmentation
+
+    if choice not in ("reference", "scale_rotate", "flip"):
+        raise ValueError(f"--augmentation {choice!r}: choose reference, scale_rotate or flip.")
+    recipe = reference_augmentation(dataset) if choice != "flip" else []
+    if choice == "scale_rotate" and not recipe:
+        recipe = reference_augmentation("pascal_context")
+    return recipe

@@ -155,13 +155,16 @@ def load_splits(
     return load_multitask_dataset(dataset, "train", **kwargs), load_multitask_dataset(dataset, eval_split, **kwargs)
 
 
-def seeded_datasets(train, val, tasks: Sequence[str], image_size, seed: int = 0, cache: bool = False):
+def seeded_datasets(
+    train, val, tasks: Sequence[str], image_size, seed: int = 0, cache: bool = False, augment: Sequence = ()
+):
     """
     `(train_set, eval_set)`: both decode and resize to `image_size` once (training rows kept in memory with `cache`);
-    training samples are then flipped with a per-(seed, epoch, sample) generator, and both are normalised.
+    training samples then go through `augment` (e.g. `transforms.reference_augmentation(dataset)`) and a flip with a
+    per-(seed, epoch, sample) generator, and both are normalised.
     """
     from .transforms import Compose, Normalize, RandomHorizontalFlip, Resize
 
-    augment = Compose([RandomHorizontalFlip(0.5), Normalize()])
+    augment = Compose([*augment, RandomHorizontalFlip(0.5), Normalize()])
     train_set = SeededMultiTaskDataset(train, tasks, augment, seed=seed, prepare=Resize(image_size), cache=cache)
     return train_set, SeededMultiTaskDataset(val, tasks, Normalize(), prepare=Resize(image_size))  # no randomness
