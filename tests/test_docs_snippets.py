@@ -19,7 +19,7 @@ from transformers import SwinConfig, SwinModel
 
 
 ROOT = Path(__file__).parents[1]
-FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+FENCE = re.compile(r"^```(?:python3?|py)[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
 def python_blocks():
