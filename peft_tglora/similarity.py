@@ -146,6 +146,18 @@ def _reduce_sum(tensor: torch.Tensor, accelerator) -> torch.Tensor:
     return tensor
 
 
+def _repeat(loader: Iterable, count: int):
+    """``count`` batches, starting the loader over when an epoch ends (a one-shot iterator just runs out)."""
+    done = 0
+    while done < count:
+        before = done
+        for batch in itertools.islice(loader, count - done):
+            done += 1
+            yield batch
+        if done == before:
+            return
+
+
 def _warm_up_heads(backbone, heads, losses, sources, steps, lr, features_fn, device, show) -> None:
     params = [p for head in heads.values() for p in head.parameters() if p.requires_grad]
     if steps == 0 or not params:
@@ -155,7 +167,7 @@ def _warm_up_heads(backbone, heads, losses, sources, steps, lr, features_fn, dev
         head.train()
     with tqdm(total=steps * len(sources), desc="head warm-up", disable=not show) as bar:
         for loader, names in sources:
-            for batch in itertools.islice(loader, steps):
+            for batch in _repeat(loader, steps):  # a warm-up may be longer than an epoch
                 batch = _to_device(batch, device)
                 with torch.no_grad():  # the backbone stays frozen: only the heads learn
                     features = features_fn(backbone, batch["pixel_values"])
@@ -199,7 +211,8 @@ def compute_task_similarity(
         seed: seeds the projection, the head warm-up and anything drawing from torch's global generator during the
             run (e.g. a shuffling DataLoader); the caller's generator state is restored afterwards.
         head_warmup_steps: Adam steps on the (copied, randomly initialised) heads over frozen features before taking
-            gradients; the paper trains the heads first. The warm-up takes its own batches from each loader.
+            gradients; the paper trains the heads first. The warm-up takes its own batches from each loader,
+            going over it again when it is shorter than the warm-up.
         head_warmup_lr: learning rate of that warm-up.
         features_fn: ``(backbone, pixel_values) -> {task: features}`` for backbones without ``task_features``.
         accelerator: an ``accelerate.Accelerator``; unit-gradient sums are added across processes. Plain

@@ -512,3 +512,14 @@ def test_import_peft_tglora_stays_light():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_warm_up_longer_than_the_loader_goes_over_it_again():
+    backbone, heads, losses = setup()
+    calls = []
+    counted = {t: (lambda p, b, f=f, t=t: calls.append(t) or f(p, b)) for t, f in losses.items()}
+    compute_task_similarity(
+        backbone, heads, counted, make_batches(2, seed=0), num_batches=2, head_warmup_steps=5, disable_progress=True
+    )
+    # 3 tasks: 5 warm-up steps (2 batches, then 2 again, then 1) and 2 gradient batches, each one loss per task
+    assert len(calls) == 3 * (5 + 2)
