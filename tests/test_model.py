@@ -28,13 +28,15 @@ def tglora(model_type, task_groups=TREE, init_lora_weights=False, **kwargs):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_identity_at_init(model_type):
-    x = pixels()
-    expected = reference_stage_features(tiny_backbone(model_type), x)
-    out = tglora(model_type, init_lora_weights=True)(x)
+    # float64: in float32 the base model alone differs by ~1e-6 between batch sizes (BLAS blocking), and split
+    # stages run G x B rows; float64 leaves only the semantics to compare
+    x = pixels().double()
+    expected = reference_stage_features(tiny_backbone(model_type).double(), x)
+    out = tglora(model_type, init_lora_weights=True).double()(x)
     for task in TASKS:
         assert len(out.task_features[task]) == 4
         for got, want in zip(out.task_features[task], expected):
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def hand_merged(model_type, peft_model, task):
