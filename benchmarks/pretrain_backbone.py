@@ -296,6 +296,7 @@ def pretrained_backbone(
     # write next to the target, then rename: an interrupted run never looks like a cache hit
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is for every user of the machine
     backbone.save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     if folder.exists():
