@@ -152,7 +152,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "similarity_file": sim_path.name,
     }
     tree_path.write_text(json.dumps(record, indent=2) + "\n")
-    png = sim.plot(out / "similarity.png", linkage=args.linkage, groups_per_stage=counts)
+    runs = f", mean of {len(sim.stability['seeds'])} seeds" if sim.stability else ""
+    title = f"Task similarity ({sim.num_batches[0] if sim.num_batches else '?'} batches{runs})"
+    png = sim.plot(out / "similarity.png", linkage=args.linkage, title=title, groups_per_stage=counts)
     for stage, groups in enumerate(tree):
         logger.info("stage %d: %s", stage, " | ".join(",".join(group) for group in groups))
     if sim.stability is not None and not sim.stability["stable"]:
