@@ -389,7 +389,5 @@ def trees_within_budget(
     return BudgetSearch(tuple(candidates), budget_params, budget_macs, merged)
 
 
-if __name__ == "__main__":  # `python -m peft_tglora.costs`: the command line lives in costs_cli.py
-    from .costs_cli import main
-
-    main()
+if __name__ == "__main__":  # the command line depends on this module, never the reverse
+    raise SystemExit("The command line is `python -m peft_tglora.costs_cli` (or `tglora-costs`).")

@@ -1,11 +1,11 @@
-"""Command line for tree costs: ``python -m peft_tglora.costs`` (or ``python -m peft_tglora.costs_cli``).
+"""Command line for tree costs: ``python -m peft_tglora.costs_cli`` (or ``tglora-costs``).
 
 Prints a Markdown table of trainable parameters and forward MACs per stage and in total for the trees you name, or,
 with a task similarity and a budget, for every nested tree the similarity's dendrogram allows, marking the pick:
 
-    python -m peft_tglora.costs --backbone swin-t --image-size 448 --tasks semseg,human_parts,saliency,normals \
+    python -m peft_tglora.costs_cli --backbone swin-t --image-size 448 --tasks semseg,human_parts,saliency,normals \
         --trees shared:1,1,2,4:per_task --heads pascal_context
-    python -m peft_tglora.costs --backbone swin-t --image-size 448 --similarity similarity.json --budget-macs 40e9
+    python -m peft_tglora.costs_cli --backbone swin-t --image-size 448 --similarity similarity.json --budget-macs 40e9
 """
 
 from __future__ import annotations
