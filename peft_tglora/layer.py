@@ -6,13 +6,25 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+
+
+def _take(tensor: torch.Tensor, groups: tuple[int, ...] | None) -> torch.Tensor:
+    """`tensor[groups]` along dim 0: a view when the groups are consecutive (the usual case), else a gather."""
+    if groups is None or groups == tuple(range(tensor.shape[0])):
+        return tensor
+    if groups == tuple(range(groups[0], groups[-1] + 1)):
+        return tensor[groups[0] : groups[-1] + 1]
+    return tensor[list(groups)]
 
 
 class TGLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("tglora_A", "tglora_B", "tglora_shared_A", "tglora_shared_B")
     other_param_names = ("r", "lora_alpha", "scaling", "shared_scaling", "tglora_dropout")
+    # the groups whose streams this call runs, in stacking order (None: all); the tuner sets it for a task selection
+    selected_groups: tuple[int, ...] | None = None
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -34,6 +46,9 @@ class TGLoraLayer(BaseTunerLayer):
                 "narrow `target_modules` to the attention and MLP linears."
             )
         self.in_features, self.out_features = base.in_features, base.out_features
+        # `merge(grouped=True)`: one merged weight per group, [G, out, in]; the base weight is left as it was, so
+        # unmerging is dropping this. Not saved (as LoRA's merged state: the adapter weights are what is saved).
+        self.register_buffer("merged_group_weight", None, persistent=False)
         self.kwargs = kwargs
 
     def update_layer(
@@ -84,11 +99,24 @@ class TGLoraLayer(BaseTunerLayer):
     def delta_weight(self, adapter_name: str, group: int) -> torch.Tensor:
         """The update that `group`'s rows see, as a `[out, in]` matrix (used by merge and export)."""
         a, b = self.tglora_A[adapter_name][group], self.tglora_B[adapter_name][group]
-        delta = (b.float() @ a.float()) * self.scaling[adapter_name]
+        dtype = self.get_base_layer().weight.dtype
+        compute = torch.promote_types(dtype, torch.float32)  # half weights merge in float32, float64 stays exact
+        delta = (b.to(compute) @ a.to(compute)) * self.scaling[adapter_name]
         if adapter_name in self.tglora_shared_A:
             sa, sb = self.tglora_shared_A[adapter_name], self.tglora_shared_B[adapter_name]
-            delta = delta + (sb.float() @ sa.float()) * self.shared_scaling[adapter_name]
-        return delta.to(self.get_base_layer().weight.dtype)
+            delta = delta + (sb.to(compute) @ sa.to(compute)) * self.shared_scaling[adapter_name]
+        return delta.to(dtype)
+
+    def grouped_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """The base weight with each group's update of `adapter_names` added: `[G, out, in]` (`merge(grouped=True)`)."""
+        weight = self.get_base_layer().weight
+        counts = {self.num_groups(name) for name in adapter_names}
+        assert len(counts) == 1, f"adapters {adapter_names} have {sorted(counts)} groups here; the tuner refuses this"
+        merged = weight.detach().unsqueeze(0).repeat(counts.pop(), 1, 1)
+        for name in adapter_names:
+            for g in range(merged.shape[0]):
+                merged[g] += self.delta_weight(name, g).detach()
+        return merged
 
 
 class Linear(nn.Module, TGLoraLayer):
@@ -100,10 +128,14 @@ class Linear(nn.Module, TGLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, num_groups, **kwargs)
 
-    def _mergeable(self, adapter_names: list[str] | None) -> list[str]:
-        # grouped stages cannot merge into one weight; they keep running unmerged
+    def _mergeable(self, adapter_names: list[str] | None, grouped: bool = False) -> list[str]:
+        # without `grouped`, grouped stages cannot merge into one weight; they keep running unmerged
         names = self.active_adapters if adapter_names is None else adapter_names
-        return [n for n in names if n in self.tglora_A and n not in self.merged_adapters and self.num_groups(n) == 1]
+        return [
+            n
+            for n in names
+            if n in self.tglora_A and n not in self.merged_adapters and (grouped or self.num_groups(n) == 1)
+        ]
 
     def check_merge_is_finite(self, adapter_names: list[str] | None = None, name: str = "") -> None:
         """Raise before any weight changes if merging would put NaNs or infs into the base weight."""
@@ -116,9 +148,27 @@ class Linear(nn.Module, TGLoraLayer):
                 "weight, so nothing was merged: the adapter is broken (check the training loss and learning rate)."
             )
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge adapters whose stage has a single group; grouped stages cannot merge and keep running unmerged."""
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, grouped: bool = False) -> None:
+        """Merge adapters whose stage has a single group into the base weight; grouped stages keep running unmerged.
+
+        With `grouped=True` every stage merges, into a separate `[G, out, in]` weight (`merged_group_weight`) that the
+        forward runs with one batched matmul over the stacked streams; the base weight is not touched, so `unmerge()`
+        gives it back bit for bit. It costs G weight copies per layer.
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if grouped:
+            names = self._mergeable(adapter_names, grouped=True)
+            if not names:
+                return
+            merged = self.grouped_weight(names)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging {names} into a layer would put NaNs or infs into its weight, so nothing was merged: the "
+                    "adapter is broken (check the training loss and learning rate)."
+                )
+            self.merged_group_weight = merged
+            self.merged_adapters.extend(names)
+            return
         if safe_merge:
             self.check_merge_is_finite(adapter_names)  # all adapters checked before the first is merged
         base = self.get_base_layer()
@@ -132,30 +182,54 @@ class Linear(nn.Module, TGLoraLayer):
             if any(self.num_groups(name) == 1 for name in self.tglora_A):
                 warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        if self.merged_group_weight is not None:  # the base weight was never touched
+            self.merged_group_weight = None
+            self.merged_adapters.clear()
+            return
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             base.weight.data -= self.delta_weight(name, 0)
+
+    def _stream_rows(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """`x` as `[G, n, in]`, rows of group g contiguous, after checking that dim 0 holds G streams."""
+        if x.shape[0] % groups:
+            raise RuntimeError(
+                f"A TGLoRA layer with {groups} groups got {x.shape[0]} rows on dim 0, not a multiple of "
+                f"{groups}: the stream split did not run. Was the stage hook removed, or the layer called "
+                "outside its backbone?"
+            )
+        return x.reshape(groups, -1, x.shape[-1])
+
+    def _grouped_base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the merged weights of the groups this call runs, [G', out, in]; one group is a plain linear
+        weight = _take(self.merged_group_weight, self.selected_groups)
+        bias = self.get_base_layer().bias
+        if weight.shape[0] == 1:
+            return F.linear(x, weight[0], bias)
+        xg = self._stream_rows(x, weight.shape[0])  # [G', n, in]
+        out = (
+            torch.bmm(xg, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias, xg, weight.transpose(1, 2))
+        )
+        return out.reshape(*x.shape[:-1], self.out_features)  # [G' * n, ..., out]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:  # as LoRA: a disabled adapter is the base model, so merged stages come out first
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_group_weight is not None:
+            result = self._grouped_base_forward(x)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.tglora_A or name in self.merged_adapters:
                 continue
-            a, b = self.tglora_A[name], self.tglora_B[name]
+            # a task selection runs only some groups' streams: their slices of A and B, in stacking order
+            a, b = _take(self.tglora_A[name], self.selected_groups), _take(self.tglora_B[name], self.selected_groups)
             groups = a.shape[0]
             x_in = self._cast_input_dtype(self.tglora_dropout[name](x), a.dtype)
-            if x_in.shape[0] % groups:
-                raise RuntimeError(
-                    f"A TGLoRA layer with {groups} groups got {x_in.shape[0]} rows on dim 0, not a multiple of "
-                    f"{groups}: the stream split did not run. Was the stage hook removed, or the layer called "
-                    "outside its backbone?"
-                )
-            xg = x_in.reshape(groups, -1, self.in_features)  # [G, n, in], rows of group g are contiguous
+            xg = self._stream_rows(x_in, groups)  # [G, n, in], rows of group g are contiguous
             h = torch.bmm(xg, a.transpose(1, 2))  # [G, n, r]
             if h.dtype == result.dtype:
                 # scaling and the residual add fused into the second matmul: two fewer passes over [G, n, out]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -16,7 +17,12 @@ from ._snapshot import ModelSnapshot
 from .backbones import BACKBONES, backbone_core, get_backbone_spec
 from .config import TGLoraConfig
 from .layer import Linear, TGLoraLayer
-from .tree import TaskTree
+from .tree import StreamLayout, TaskTree
+
+
+@lru_cache(maxsize=64)
+def _layout(tree: TaskTree, tasks: tuple[str, ...] | None) -> StreamLayout:
+    return tree.layout(tasks)  # read by every stage hook of every call: computed once per tree and selection
 
 
 class _TunerHook:
@@ -42,6 +48,13 @@ class TGLoraModel(BaseTuner):
     (`G_last * B` rows). Each output also carries `task_features`: `{task: (map_stage_0, ..., map_stage_S-1)}`, each
     map `[B, C_s, H_s, W_s]`, the stream of the task's group at that stage (views, no copies).
 
+    `model(pixel_values, tasks=["depth"])` runs only the streams on the paths from the input to those tasks' leaves
+    (stage s then carries the selected tasks' groups, in tree order) and `task_features` holds only those tasks.
+    A forward keyword, as PEFT's LoRA takes `adapter_names=`: the selection belongs to one call, and a pre-hook on
+    the backbone takes it out of the call, so stock backbones need no change. The selection stays in force until
+    the next call, so that gradient checkpointing, which recomputes a stage during `backward()`, runs the same
+    streams: call `backward()` before the next forward with another selection (the same rule as `set_adapter`).
+
     Example:
 
         ```py
@@ -56,6 +69,9 @@ class TGLoraModel(BaseTuner):
     prefix: str = "tglora_"
     # set by `disable_adapter()`: the model is then the base model, one stream that every task reads
     _streams_disabled: bool = False
+    # the tasks of the last call's `tasks=` (None: all), and the (tree, selection) the layers were last told
+    _selection: tuple[str, ...] | None = None
+    _groups_key: tuple | None = None
     tuner_layer_cls = TGLoraLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {
         name: list(spec.target_modules) for name, spec in BACKBONES.items()
@@ -167,6 +183,7 @@ class TGLoraModel(BaseTuner):
             super().inject_adapter(model, adapter_name, **kwargs)
             if not getattr(self, "_hook_handles", None):
                 self._install_stream_hooks(model)
+            self._groups_key = None  # new layers: tell every layer its groups on the next call
         except BaseException:
             snapshot.restore()  # a failed injection leaves the model (and this tuner) as it was
             raise
@@ -210,7 +227,7 @@ class TGLoraModel(BaseTuner):
         for stage, module in enumerate(spec.feature_modules(core)):
             hook = _TunerHook(self, "_record_features", stage, spec.feature_fn)
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        handles.append(model.register_forward_pre_hook(_TunerHook(self, "_begin_call")))
+        handles.append(model.register_forward_pre_hook(_TunerHook(self, "_begin_call"), with_kwargs=True))
         handles.append(model.register_forward_hook(_TunerHook(self, "_attach_task_features")))
         self._hook_handles = handles
 
@@ -222,19 +239,42 @@ class TGLoraModel(BaseTuner):
             self._undo_patch()
             self._undo_patch = None
 
-    def _begin_call(self, module, args):
+    def _begin_call(self, module, args, kwargs):
+        tasks = kwargs.pop("tasks", None)
         self._stage_features = {}
-        self._call_tree = self._active_tree()
+        self._call_tree = tree = self._active_tree()
+        if tasks is not None:
+            if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+                raise ValueError(f"`tasks` must be a list of task names, got {tasks!r}; e.g. tasks=['{tasks}'].")
+            tasks = tuple(tasks)
+            if tree is not None:
+                _layout(tree, tasks)  # raises for unknown tasks before anything runs
+        self._selection = tasks
+        self._select_groups(tree)
+        return args, kwargs
+
+    def _select_groups(self, tree: TaskTree | None) -> None:
+        """Tell every layer which groups' streams the selection runs at its stage (a walk only when it changes)."""
+        if (tree, self._selection) == self._groups_key:
+            return
+        self._groups_key = (tree, self._selection)
+        layout = None if tree is None or self._selection is None else _layout(tree, self._selection)
+        for key, module in self.model.named_modules():
+            if isinstance(module, TGLoraLayer):
+                module.selected_groups = None if layout is None else layout.groups[self._stage_of_key(key)]
 
     def _split_streams(self, stage: int, module, args, kwargs):
         # reads the model's state, not the call's, so that a checkpoint that recomputes the stage with its hooks
         # (after the call has ended) splits the same way
         tree = None if self._streams_disabled else self._active_tree()
-        if tree is None or not tree.splits_at(stage):
+        if tree is None:
+            return None
+        layout = _layout(tree, self._selection)
+        if not layout.splits_at(stage):
             return None
         hidden = args[0]
-        parents = tree.parent_indices[stage]
-        previous = 1 if stage == 0 else tree.groups_per_stage[stage - 1]
+        parents = layout.parents[stage]
+        previous = 1 if stage == 0 else len(layout.groups[stage - 1])
         streams = hidden.reshape(previous, -1, *hidden.shape[1:])  # [G_prev, B, ...]
         index = torch.tensor(parents, device=hidden.device)
         hidden = streams.index_select(0, index).reshape(-1, *hidden.shape[1:])  # [G * B, ...], child = parent
@@ -250,19 +290,22 @@ class TGLoraModel(BaseTuner):
         if tree is None or not hasattr(output, "keys") or len(features) != tree.num_stages:
             return output
         stages = range(tree.num_stages)
+        tasks = [t for t in tree.tasks if self._selection is None or t in self._selection]
         if self._streams_disabled:
-            output["task_features"] = {task: tuple(features[s] for s in stages) for task in tree.tasks}
+            output["task_features"] = {task: tuple(features[s] for s in stages) for task in tasks}
             return output
-        batch = features[0].shape[0] // tree.groups_per_stage[0]
-        streams = [features[s].view(tree.groups_per_stage[s], batch, *features[s].shape[1:]) for s in stages]
+        layout = _layout(tree, self._selection)
+        batch = features[0].shape[0] // len(layout.groups[0])
+        streams = [features[s].view(len(layout.groups[s]), batch, *features[s].shape[1:]) for s in stages]
         output["task_features"] = {
-            task: tuple(streams[s][tree.group_of(task, s)] for s in stages) for task in tree.tasks
+            task: tuple(streams[s][layout.position(tree.group_of(task, s), s)] for s in stages) for task in tasks
         }
         return output
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._trees.pop(adapter_name, None)
+        self._groups_key = None
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         self._streams_disabled = not enabled
@@ -280,19 +323,65 @@ class TGLoraModel(BaseTuner):
             if isinstance(module, TGLoraLayer):
                 module.check_merge_is_finite(adapter_names, name=repr(key))
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge every stage that has one group into the base weights; grouped stages keep running as adapters."""
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, grouped: bool = False
+    ) -> None:
+        """Merge every stage that has one group into the base weights; grouped stages keep running as adapters.
+
+        With `grouped=True` every stage merges: each adapted layer holds one merged weight per group
+        (`merged_group_weight`, `[G, out, in]`) and runs one batched matmul over the stacked streams, and the base
+        weights are left as they were, so `unmerge_adapter()` gives them back bit for bit. This costs G weight copies
+        per adapted layer (1 in one-group stages). A refused `safe_merge` or any failure leaves the model as it was.
+        """
+        self._refuse_mixed_merge(grouped)
+        if grouped:
+            self._merge_grouped(adapter_names, safe_merge)
+            return
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         for name in self._grouped_adapters(adapter_names):
             counts = self._trees[name].groups_per_stage
-            grouped = [s for s, c in enumerate(counts) if c > 1]
+            grouped_stages = [s for s, c in enumerate(counts) if c > 1]
             warnings.warn(
-                f"Adapter {name!r}: stages {grouped} have several task groups and cannot merge into one weight; "
-                "they keep running unmerged (use `export_task(task)` for one task's fully merged backbone).",
+                f"Adapter {name!r}: stages {grouped_stages} have several task groups and cannot merge into one "
+                "weight; they keep running unmerged (`merge_adapter(grouped=True)` merges them into one weight per "
+                "group; `export_task(task)` gives one task's fully merged backbone).",
                 stacklevel=2,
             )
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _refuse_mixed_merge(self, grouped: bool) -> None:
+        layers = [m for m in self.model.modules() if isinstance(m, TGLoraLayer)]
+        per_group = any(layer.merged_group_weight is not None for layer in layers)
+        if grouped or per_group:
+            merged = sorted({name for layer in layers for name in layer.merged_adapters})
+            if merged:
+                raise ValueError(
+                    f"Adapter(s) {merged} are merged already; merges with and without `grouped=True` do not stack, "
+                    "so call `unmerge_adapter()` first."
+                )
+
+    def _merge_grouped(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        self._check_merge_allowed()
+        names = list(adapter_names or self.active_adapters)
+        unknown = [n for n in names if n not in self._trees]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; this model has {list(self._trees)}.")
+        if len({self._trees[n] for n in names}) > 1:
+            raise ValueError(
+                f"Adapters {names} have different task trees, so their groups do not line up; merge one of them."
+            )
+        snapshot = ModelSnapshot(self.model)
+        try:
+            for key, module in self.model.named_modules():
+                if isinstance(module, TGLoraLayer):
+                    try:
+                        module.merge(safe_merge=safe_merge, adapter_names=names, grouped=True)
+                    except ValueError as error:
+                        raise ValueError(f"{key!r}: {error}") from None
+        except BaseException:
+            snapshot.restore()  # every layer merges or none does
+            raise
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         grouped = self._grouped_adapters(adapter_names)
@@ -305,8 +394,17 @@ class TGLoraModel(BaseTuner):
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if merge and safe_merge:
-            self._check_merge_is_finite(adapter_names)  # before the hooks go: a refusal changes nothing
+        if merge:
+            snapshot = ModelSnapshot(self.model)
+            try:
+                for module in self.model.modules():
+                    if isinstance(module, TGLoraLayer) and module.merged_group_weight is not None:
+                        module.unmerge()  # the base weight was left as it was: merge into it below
+                if safe_merge:
+                    self._check_merge_is_finite(adapter_names)  # before the hooks go: a refusal changes nothing
+            except BaseException:
+                snapshot.restore()
+                raise
         self._remove_stream_hooks()
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
@@ -334,8 +432,8 @@ class TGLoraModel(BaseTuner):
             if not isinstance(module, TGLoraLayer):
                 continue
             base = module.get_base_layer()
-            for merged in module.merged_adapters:  # merged stages are in the base weight: take them out first
-                base.weight -= module.delta_weight(merged, 0)
+            if module.merged:  # merged stages are in (or beside) the base weight: take them out first
+                module.unmerge()
             if adapter_name in module.tglora_A:
                 stage = self._stage_of_key(key)
                 base.weight += module.delta_weight(adapter_name, tree.group_of(task, stage))

@@ -19,6 +19,23 @@ PRESETS = ("shared", "per_task")
 
 
 @dataclass(frozen=True)
+class StreamLayout:
+    """Which groups run at each stage, stacked in this order, and the position of each one's parent stream among
+    the groups of the stage before (stage 0: the single input stream)."""
+
+    groups: tuple[tuple[int, ...], ...]
+    parents: tuple[tuple[int, ...], ...]
+
+    def splits_at(self, stage: int) -> bool:
+        """Whether entering `stage` changes the stream layout (anything but one child per parent, in order)."""
+        return self.parents[stage] != tuple(range(len(self.groups[stage])))
+
+    def position(self, group: int, stage: int) -> int:
+        """Where `group`'s rows sit among the streams stacked at `stage`."""
+        return self.groups[stage].index(group)
+
+
+@dataclass(frozen=True)
 class TaskTree:
     """A validated task tree. Build it with [`TaskTree.from_groups`]."""
 
@@ -61,6 +78,24 @@ class TaskTree:
         """Whether entering `stage` changes the stream layout (anything but one child per parent, in order)."""
         # every parent keeps at least one child, so "parents == 0..G-1" means one child each, in order
         return self.parent_indices[stage] != tuple(range(self.groups_per_stage[stage]))
+
+    def layout(self, tasks: Sequence[str] | None = None) -> StreamLayout:
+        """The streams that serve `tasks` (default: all): the groups on the paths from the input to their leaves."""
+        if tasks is None:
+            return StreamLayout(tuple(tuple(range(g)) for g in self.groups_per_stage), self.parent_indices)
+        unknown = [t for t in tasks if t not in self._group_index[0]]
+        if unknown or not tasks:
+            raise ValueError(
+                f"`tasks={list(tasks)}` must name one or more of this tree's tasks {list(self.tasks)}"
+                + (f"; unknown: {unknown}." if unknown else ".")
+            )
+        groups = tuple(tuple(sorted({self.group_of(t, s) for t in tasks})) for s in range(self.num_stages))
+        parents, previous = [], (0,)
+        for s, stage_groups in enumerate(groups):
+            # a child's parent sits at its position among the previous stage's selected groups
+            parents.append(tuple(previous.index(self.parent_indices[s][g]) for g in stage_groups))
+            previous = stage_groups
+        return StreamLayout(groups, tuple(parents))
 
     def to_groups(self) -> list[list[list[str]]]:
         return [[list(group) for group in stage] for stage in self.stages]
