@@ -20,6 +20,10 @@ The variants (see benchmarks/RESULTS.md for what each comparison means):
             tglora_shared_merged   TGLoRA, tree "shared", after `merge_adapter()`
             base_streams           the frozen backbone + the same batch-replicating hooks
             tglora_merged          TGLoRA, tree 1,1,2,4, after `merge_adapter()` (stages 0, 1 merged)
+            tglora_grouped_merged  TGLoRA, tree 1,1,2,4, after `merge_adapter(grouped=True)` (every stage merged)
+            tglora_one_task        the same, `tasks=["sal"]`: one stream (against `base`)
+            base_two_streams       the frozen backbone + hooks that replicate only the streams of sal and normals
+            tglora_two_tasks       the grouped-merged model, `tasks=["sal", "normals"]` (one stage-2 group)
 """
 
 from __future__ import annotations
@@ -50,13 +54,26 @@ SWIN_T = {}  # SwinConfig() defaults are Swin-T: embed 96, depths 2,2,6,2, heads
 QUICK = {"image_size": 64, "window_size": 2}  # Swin-T widths and depths; every stage side (16, 8, 4, 2) fits windows
 
 TRAIN = ("tglora", "lora_streams", "naive_loop", "lora")
-INFER = ("base", "tglora_shared_merged", "base_streams", "tglora_merged")
+INFER = (
+    "base",
+    "tglora_shared_merged",
+    "base_streams",
+    "tglora_merged",
+    "tglora_grouped_merged",
+    "tglora_one_task",
+    "base_two_streams",
+    "tglora_two_tasks",
+)
+ONE_TASK, TWO_TASKS = ("sal",), ("sal", "normals")  # two tasks of one stage-2 group of the 1,1,2,4 tree
 # (numerator, denominator, goal or None): the comparisons the issue asks for, plus context rows
 COMPARISONS = (
     ("tglora", "lora_streams", 1.10),
     ("tglora", "naive_loop", 0.5),
     ("tglora_shared_merged", "base", 1.02),
     ("tglora_merged", "base_streams", None),
+    ("tglora_grouped_merged", "base_streams", 1.01),
+    ("tglora_one_task", "base", 1.02),
+    ("tglora_two_tasks", "base_two_streams", 1.02),
     ("tglora", "lora", None),
 )
 
@@ -94,6 +111,13 @@ def pixel_values(cfg: BenchConfig) -> torch.Tensor:
 def task_tree(cfg: BenchConfig, task_groups: str | None = None) -> TaskTree:
     config = TGLoraConfig(tasks=list(cfg.tasks), task_groups=task_groups or cfg.task_groups)
     return config.task_tree
+
+
+def two_task_tree(cfg: BenchConfig) -> TaskTree:
+    """The part of the tree that serves `TWO_TASKS`: one stream until their stage-2 group splits at stage 3."""
+    tree = task_tree(cfg)
+    stages = [[[t for t in group if t in TWO_TASKS] for group in stage] for stage in tree.to_groups()]
+    return TaskTree.from_groups(TWO_TASKS, [[group for group in stage if group] for stage in stages])
 
 
 def replicate_streams(swin: SwinModel, tree: TaskTree) -> list:
@@ -176,8 +200,18 @@ def build_variant(name: str, cfg: BenchConfig, base: SwinModel, x: torch.Tensor)
             p.numel() for n, p in model.named_parameters() if any(f".{t}." in n for t in cfg.tasks)
         )
     elif name in INFER:
-        model = backbone
-        if name in ("tglora_shared_merged", "tglora_merged"):
+        model, kwargs = backbone, {}
+        if name in ("tglora_grouped_merged", "tglora_one_task", "tglora_two_tasks"):
+            model = tglora_model(cfg, backbone, cfg.task_groups, False)
+            model.merge_adapter(grouped=True)
+            held = [
+                m.merged_group_weight for m in model.modules() if getattr(m, "merged_group_weight", None) is not None
+            ]
+            info["merged_weights_mib"] = sum(w.numel() * w.element_size() for w in held) / 2**20
+            info["base_weights_mib"] = sum(p.numel() * p.element_size() for p in backbone.parameters()) / 2**20
+            if name != "tglora_grouped_merged":
+                kwargs["tasks"] = list(ONE_TASK if name == "tglora_one_task" else TWO_TASKS)
+        elif name in ("tglora_shared_merged", "tglora_merged"):
             # random B so that merging changes the weights; speed does not depend on the values
             model = tglora_model(cfg, backbone, "shared" if name == "tglora_shared_merged" else cfg.task_groups, False)
             with warnings.catch_warnings():
@@ -186,14 +220,16 @@ def build_variant(name: str, cfg: BenchConfig, base: SwinModel, x: torch.Tensor)
             info["merged_layers"] = sum(bool(getattr(m, "merged", False)) for m in model.modules())
         elif name == "base_streams":
             replicate_streams(model, task_tree(cfg))
-        if name in ("base", "base_streams"):
+        elif name == "base_two_streams":
+            replicate_streams(model, two_task_tree(cfg))
+        if name in ("base", "base_streams", "base_two_streams"):
             model.requires_grad_(False)  # the frozen backbone; inference only
         model.eval()
 
         def step():
             with torch.inference_mode():
                 for _ in range(cfg.infer_repeats):
-                    model(pixel_values=x)
+                    model(pixel_values=x, **kwargs)
 
     else:
         raise ValueError(f"Unknown variant {name!r}; known are {TRAIN + INFER}.")
@@ -406,6 +442,14 @@ def to_markdown(results: dict) -> str:
         if has_memory:
             row += f" {v.get('step_peak_mib', float('nan')):.0f} |"
         lines.append(row)
+    merged = next((v for v in variants.values() if "merged_weights_mib" in v), None)
+    if merged is not None:
+        note = (
+            f"`merge_adapter(grouped=True)` holds {merged['merged_weights_mib']:.0f} MiB of merged weights (one per "
+            f"group and layer) beside the {merged['base_weights_mib']:.0f} MiB backbone, whose weights it leaves as "
+            "they were."
+        )
+        lines += ["", note]
     env = results["environment"]
     setup = (
         f"Backbone `SwinConfig(**{cfg['backbone']})`, batch {cfg['batch_size']}, tasks {len(cfg['tasks'])}, tree "

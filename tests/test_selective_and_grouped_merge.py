@@ -1,6 +1,10 @@
 """`model(x, tasks=[...])` and `merge_adapter(grouped=True)` against independent references: the full forward, the
 base model, the weights before the merge, and the rows the frozen linears actually see."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from backbones import MODEL_TYPES, reference_stage_features, tiny_backbone
@@ -13,6 +17,7 @@ from peft_tglora import TGLoraConfig, TGLoraLayer
 TASKS = ["semseg", "parts", "sal", "normals"]
 TREE = [[TASKS], [TASKS], [["semseg", "parts"], ["sal", "normals"]], [[t] for t in TASKS]]
 # one task; two tasks of one stage-2 group; two tasks of different groups, listed out of tree order
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tglora.py"
 SELECTIONS = [["parts"], ["sal", "normals"], ["normals", "semseg"]]
 STREAMS = {("parts",): (1, 1, 1, 1), ("sal", "normals"): (1, 1, 1, 2), ("normals", "semseg"): (1, 1, 2, 2)}
 
@@ -221,3 +226,25 @@ def test_grouped_merge_of_a_shared_tree_then_merge_and_unload():
     plain = model.merge_and_unload()  # merges into the base weights, which the grouped merge left alone
     assert not any(isinstance(m, TGLoraLayer) for m in plain.modules())
     torch.testing.assert_close(plain(x).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_benchmark_two_stream_baseline_runs_the_rows_of_the_two_task_selection():
+    spec = importlib.util.spec_from_file_location("bench_tglora", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    tiny = dict(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=2)
+    cfg = bench.BenchConfig(backbone=tiny, r=4, lora_alpha=4)
+    x = bench.pixel_values(cfg)
+    model = bench.tglora_model(cfg, bench.build_backbone(cfg), cfg.task_groups).eval()  # B = 0: streams = base
+    reference = bench.build_backbone(cfg).eval()
+    bench.replicate_streams(reference, bench.two_task_tree(cfg))
+    with torch.no_grad():
+        got = model(pixel_values=x, tasks=list(bench.TWO_TASKS)).last_hidden_state
+        want = reference(pixel_values=x).last_hidden_state
+    assert want.shape[0] == 2 * cfg.batch_size
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
