@@ -84,7 +84,7 @@ class StreamHooks:
         self._stage_features = {}
         self._call_tree = tree = self._active_tree()
         if tasks is not None:
-            if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+            if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
                 raise ValueError(f"`tasks` must be a list of task names, got {tasks!r}; e.g. tasks=['{tasks}'].")
             tasks = tuple(tasks)
             if tree is not None:
