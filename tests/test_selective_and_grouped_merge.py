@@ -57,6 +57,21 @@ def last_linear_per_stage(model):
 # ---------------------------------------------------------------------------------------------------- selection
 
 
+def test_layout_of_a_selection_by_hand():
+    tree = TGLoraConfig(tasks=TASKS, task_groups=TREE).task_tree
+    full = tree.layout()
+    assert full.groups == ((0,), (0,), (0, 1), (0, 1, 2, 3)) and full.parents == tree.parent_indices
+    # semseg sits in group 0 at stage 2 and 0 at stage 3, normals in 1 and 3: both stage-3 streams copy a different
+    # stage-2 stream, found at its position among the two selected stage-2 groups
+    layout = tree.layout(["normals", "semseg"])
+    assert layout.groups == ((0,), (0,), (0, 1), (0, 3))
+    assert layout.parents == ((0,), (0,), (0, 0), (0, 1))
+    assert [layout.splits_at(s) for s in range(4)] == [False, False, True, False]
+    layout = tree.layout(["sal", "normals"])
+    assert layout.groups == ((0,), (0,), (1,), (2, 3)) and layout.parents == ((0,), (0,), (0,), (0, 0))
+    assert [layout.splits_at(s) for s in range(4)] == [False, False, False, True]
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_selected_tasks_equal_the_full_forward_and_run_fewer_rows(model_type):
     x = pixels(dtype=torch.float64)
