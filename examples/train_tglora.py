@@ -337,22 +337,11 @@ def parse_args(argv=None):
     try:
         args.image_size = options.parse_image_size(str(args.image_size))
         args.tasks = options.parse_tasks(args.tasks, args.dataset)
-        args.task_groups = parse_task_groups(args.task_groups, args.tasks)
+        args.task_groups = options.parse_task_groups(args.task_groups, args.tasks)
         args.loss_weights = options.parse_loss_weights(args.loss_weights, args.dataset, args.tasks)
     except ValueError as error:  # a typo in a task name is an error that lists the known ones
         p.error(str(error))
     return args
-
-
-def parse_task_groups(value, tasks):
-    """`1,1,2,4`, `shared`, `per_task`, or a JSON tree of task names (whose names must be in `tasks`)."""
-    if not value.lstrip().startswith("["):
-        return value
-    tree = json.loads(value)
-    unknown = sorted({t for stage in tree for group in stage for t in group} - set(tasks))
-    if unknown:
-        raise ValueError(f"--task_groups names tasks {unknown} that are not in --tasks {tasks}.")
-    return tree
 
 
 def main(argv=None):

@@ -1,3 +1,5 @@
+"""`TGLoraConfig`: what a user can ask of TGLoRA, as a plain JSON-round-trippable PEFT config validated on creation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -6,6 +6,7 @@ A typo in a task name (`normal` for `normals`) is an error that lists the known 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
@@ -64,3 +65,14 @@ def augmentation(choice: str, dataset: str) -> list:
     if choice == "scale_rotate" and not recipe:
         recipe = reference_augmentation("pascal_context")
     return recipe
+
+
+def parse_task_groups(value: str, tasks: Sequence[str]):
+    """`1,1,2,4`, `shared`, `per_task`, `auto:1,1,2,4`, or a JSON tree whose task names must all be in `tasks`."""
+    if not value.lstrip().startswith("["):
+        return value
+    tree = json.loads(value)
+    unknown = sorted({t for stage in tree for group in stage for t in group} - set(tasks))
+    if unknown:
+        raise ValueError(f"--task_groups names tasks {unknown} that are not in --tasks {tasks}.")
+    return tree
