@@ -263,7 +263,7 @@ def report(out: Path, quick: bool = False, results_md: Path | None = None, title
     rep.plot(
         runs,
         result,
-        out / f"accuracy_{title}.png" if quick or title != "val" else REPO / "benchmarks" / "accuracy.png",
+        REPO / "benchmarks" / "accuracy.png" if results_md is not None else out / f"accuracy_{title}.png",
     )
     if results_md is not None:
         section = "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"
