@@ -89,14 +89,12 @@ def evaluate(model, loader, tasks) -> dict:
     return {t: {k: float(v) for k, v in m.compute().items() if isinstance(v, (int, float))} for t, m in meters.items()}
 
 
-def save_run(folder: Path, backbone, heads, head_config: dict, random_base: bool) -> None:
+def save_run(folder: Path, backbone, heads, head_config: dict) -> None:
     from safetensors.torch import save_file
 
     backbone.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
     save_file({k: v.detach().contiguous() for k, v in heads.state_dict().items()}, folder / "heads.safetensors")
     (folder / "heads_config.json").write_text(json.dumps(head_config, indent=1) + "\n")
-    if random_base:  # a random backbone's weights exist nowhere else
-        backbone.get_base_model().save_pretrained(folder / "base_model")
 
 
 def load_run(folder: Path):
@@ -189,6 +187,9 @@ def train_run(job: dict) -> dict:
     train, val = _datasets(job, tasks)
     loader = _train_loader(train, tasks, recipe, seed)
     base = _backbone(job)
+    run_dir = Path(job["out"]) / "runs" / job["slug"]
+    if job["variant"] == "random_backbone":  # its weights exist nowhere else; saved before adapters are injected
+        base.save_pretrained(run_dir / "base_model")
     torch.manual_seed(seed)  # LoRA's A matrices; runs with one seed share adapter init, head init and data order
     backbone = _peft(job, base)
     adapter_params = sum(p.numel() for p in backbone.parameters() if p.requires_grad)  # the tuner's trainable count
@@ -221,9 +222,7 @@ def train_run(job: dict) -> dict:
         epoch += 1
     train_cpu = time.process_time() - cpu0
     metrics = evaluate(model, _eval_loader(val, tasks, recipe), tasks)
-    save_run(
-        Path(job["out"]) / "runs" / job["slug"], backbone, heads, head_config, job["variant"] == "random_backbone"
-    )
+    save_run(run_dir, backbone, heads, head_config)
     peft_config = backbone.peft_config["default"]
     return dict(
         kind="train", **{k: job[k] for k in ("name", "variant", "arm", "tasks", "r", "seed")},

@@ -131,3 +131,25 @@ def test_plan_and_equal_parameter_ranks():
         counts[name] = model.get_nb_trainable_parameters()[0]
     assert counts["shared"] == counts["per_task"]
     assert abs(counts["tree"] / counts["shared"] - 1) < 0.05, counts
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"camvid_mt is absent (looked in {DATA}); CI has it there")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_random_backbone_run_reloads_with_its_own_weights(tmp_path):
+    """The sanity row's random backbone travels with the run; re-scoring must see those weights, not fresh ones."""
+    import bench_accuracy as bench
+    import bench_accuracy_worker as worker
+    import torch
+
+    backbone = bench.resolve_backbone("random-tiny-swin", tmp_path)
+    job = dict(kind="train", name="sanity: random backbone", variant="random_backbone", arm="sanity",
+               tasks=["saliency"], task_groups="shared", r=2, seed=3, backbone=str(backbone), data_root=str(DATA),
+               out=str(tmp_path), quick=True, recipe=dict(bench.RECIPE, epochs=1))  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        worker.work(job)
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads((tmp_path / f"{bench.slug(job['name'], 3)}.json").read_text())
+    again = worker.score_saved(tmp_path / "runs" / bench.slug(job["name"], 3), DATA, "val", quick=True)
+    assert again["saliency"] == pytest.approx(run["metrics"]["saliency"], rel=1e-5)
