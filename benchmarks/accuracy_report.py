@@ -188,6 +188,20 @@ def markdown(runs: Sequence[Mapping], tasks: Sequence[str], reference: Mapping, 
     for i, p in enumerate(result["partition_ranking"]):
         mark = " (similarity's)" if p["name"] == result["similarity_row"] else ""
         lines.append(f"| {i + 1} | {p['name']}{mark} | {p['delta_m_seed0']:+.2f} |")
+    ranked = [p["delta_m_seed0"] for p in result["partition_ranking"]]
+    sim_dm = [r["delta_m"] for r in rows.get("tglora_sim", {}).values() if "delta_m" in r]
+    if len(ranked) > 1 and len(sim_dm) > 1:
+        sd = mean_se(sim_dm)[1] * math.sqrt(len(sim_dm))
+        spread = max(ranked) - min(ranked)
+        lines.append("")
+        lines.append(
+            f"Spread of the partitions' seed-0 Δm: {spread:.2f} pp; standard deviation of tglora_sim's Δm over its "
+            f"{len(sim_dm)} seeds: {sd:.2f} pp."
+        )
+    first = next((r for r in runs if r["name"] == "shared" and r["seed"] == 0 and r.get("init_losses")), None)
+    if first is not None:
+        init = ", ".join(f"{t} {v['weighted']:.2f}" for t, v in first["init_losses"].items())
+        lines += ["", f"Weighted task losses on the first batch (shared, seed 0; heads at initialisation): {init}."]
     ref = ", ".join(f"{t} {m[metric[t]]:.4g} (n={m['n_seeds']})" for t, m in reference.items())
     lines += ["", f"Δm reference (single-task LoRA, mean over seeds): {ref}.", "", f"- {RULE_A}", f"- {RULE_B}", ""]
     lines.append(
