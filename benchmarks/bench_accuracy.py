@@ -259,7 +259,10 @@ def report(out: Path, quick: bool = False, results_md: Path | None = None, title
     if wall:
         table += f" Benchmark wall time: {wall['wall_s'] / 60:.1f} min."
     print(table)
-    (out / f"summary_{title}.json").write_text(json.dumps(dict(result, reference=reference), indent=2) + "\n")
+    per_run = {f"{r['name']} seed {r['seed']}": r["delta_m"] for r in runs if "delta_m" in r}
+    (out / f"summary_{title}.json").write_text(
+        json.dumps(dict(result, reference=reference, delta_m_per_run=per_run), indent=2) + "\n"
+    )
     rep.plot(
         runs,
         result,
