@@ -171,7 +171,7 @@ def markdown(runs: Sequence[Mapping], tasks: Sequence[str], reference: Mapping, 
         )  # fmt: skip
     lines += ["", "Seed-paired Δm differences (equal-parameter arm):", ""]
     lines += [
-        "| difference | mean ± s.e. (pp) | n pairs | > 2 s.e. | adapter params within 5 % |",
+        "| difference | mean ± s.e. (pp) | n pairs | TGLoRA-sim ahead by > 2 s.e. | adapter params within 5 % |",
         "|---|---|---|---|---|",
     ]
     for other, c in result["A_comparisons"].items():
