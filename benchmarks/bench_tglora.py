@@ -476,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(MEMORY_METHODS),
         help="how to measure peak memory (default: cuda on a GPU, else subprocess; inprocess with --quick)",
     )
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(TRAIN + INFER)} (default: all)")
     parser.add_argument("--json", help="write the raw numbers (every round) here")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -504,7 +505,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: load average {os.getloadavg()[0]:.1f}; other processes skew CPU timings", file=sys.stderr)
     memory = args.memory or ("cuda" if args.device.startswith("cuda") else "inprocess" if args.quick else "subprocess")
     start = time.perf_counter()
-    results = run(cfg, memory=memory, progress=True)
+    variants = tuple(args.variants.split(",")) if args.variants else TRAIN + INFER
+    unknown = sorted(set(variants) - set(TRAIN + INFER))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known are {','.join(TRAIN + INFER)}")
+    results = run(cfg, variants=variants, memory=memory, progress=True)
     results["wall_seconds"] = time.perf_counter() - start
     table = to_markdown(results)
     print(table)
