@@ -56,8 +56,9 @@ def _roll_back_failed_loads() -> None:
         snapshot = ModelSnapshot(self)
         try:
             return load_adapter(self, *args, **kwargs)
-        except BaseException:
+        except BaseException as error:
             snapshot.restore()
+            _explain(error, args[0] if args else kwargs.get("model_id"))
             raise
 
     @functools.wraps(from_pretrained)
@@ -66,15 +67,26 @@ def _roll_back_failed_loads() -> None:
         snapshot = ModelSnapshot(model) if model_type in BACKBONES else None
         try:
             return from_pretrained(cls, model, *args, **kwargs)
-        except BaseException:
+        except BaseException as error:
             # other PEFT methods keep PEFT's own behaviour
             if snapshot is not None and any(isinstance(m, TGLoraLayer) for m in model.modules()):
                 snapshot.restore()
+                _explain(error, args[0] if args else kwargs.get("model_id"))
             raise
 
     load_adapter_or_roll_back._rolls_back = True
     PeftModel.load_adapter = load_adapter_or_roll_back
     PeftModel.from_pretrained = classmethod(from_pretrained_or_roll_back)
+
+
+def _explain(error: BaseException, model_id) -> None:
+    """Say, under PEFT's or safetensors' own message, which adapter failed and that the model is as it was."""
+    if isinstance(error, Exception) and hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(
+            f"Loading the TGLoRA adapter {str(model_id)!r} failed; the model was left as it was. A damaged file: "
+            "download it again (`huggingface_hub.snapshot_download(repo_id, force_download=True)`); an adapter for "
+            "another backbone: load it onto the backbone named in its adapter_config.json (`base_model_name_or_path`)."
+        )
 
 
 @contextlib.contextmanager

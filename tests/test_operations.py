@@ -213,8 +213,10 @@ def test_failed_from_pretrained_leaves_the_base_model_as_it_was(tmp_path, model_
     base = tiny_backbone(model_type)
     before = fingerprint(base)
     error, match = LOAD_ERRORS[damage]
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         PeftModel.from_pretrained(base, path)
+    # the note names the adapter and the fix, under PEFT's or safetensors' own message (which names neither)
+    assert str(path) in "".join(raised.value.__notes__) and "left as it was" in "".join(raised.value.__notes__)
     assert_unchanged(base, before)
     out = base(x)
     assert "task_features" not in out
@@ -230,8 +232,9 @@ def test_failed_load_adapter_leaves_the_peft_model_as_it_was(tmp_path, model_typ
     expected = features(model(x))
     before = fingerprint(model)
     error, match = LOAD_ERRORS[damage]
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         model.load_adapter(path, adapter_name="other")
+    assert str(path) in "".join(raised.value.__notes__)
     assert_unchanged(model, before)
     assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
     assert_features(model(x), expected, tol=0)
