@@ -29,15 +29,17 @@ class MapRule:
             `"bilinear"` (smooth maps), or `"normals"` (bilinear, re-normalised, invalid pixels kept invalid).
         fill (`float`): Value of pixels a crop, pad or rotation brings in from outside the image.
         mirror_x (`bool`): Negate channel 0 on a horizontal flip (the x component of surface normals).
+        divide_by_scale (`bool`): Divide values by a zoom's scale (depth: a zoomed-in object looks nearer).
     """
 
     interpolation: str
     fill: float
     mirror_x: bool = False
+    divide_by_scale: bool = False
 
 
 CLASS_MAP = MapRule("nearest", IGNORE_INDEX)
-DEPTH_MAP = MapRule("nearest", 0.0)  # 0 = invalid depth
+DEPTH_MAP = MapRule("nearest", 0.0, divide_by_scale=True)  # 0 = invalid depth
 SMOOTH_MAP = MapRule("bilinear", 0.0)
 NORMALS_MAP = MapRule("normals", 0.0, mirror_x=True)  # a zero vector = invalid normal
 IMAGE_MAP = MapRule("bilinear", 0.0)

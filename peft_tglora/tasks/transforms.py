@@ -137,7 +137,8 @@ class RandomScaleRotate:
     ASTMT / MTI-Net / MTLoRA `custom_transforms.py`): a scale above 1 crops, below 1 pads, each map sampled by its
     rule (nearest for class maps and depth, bilinear for the image and normals) and filled by its rule outside the
     source (255 = ignore for class maps, where the reference's warpAffine writes 0 = background). Normals' in-plane
-    (x, y) component turns with the image and depth is divided by the scale, as in the reference.
+    (x, y) component turns with the image and maps whose rule says `divide_by_scale` (depth) are divided by the scale,
+    as in the reference.
 
     Args:
         scales (`tuple[float, float]` or `list[float]`): A range to draw uniformly from, or values to choose from.
@@ -192,7 +193,7 @@ class RandomScaleRotate:
                     z = _unit(z[:3]) * (z[3:] > 0.999)
                 z = torch.where(inside, z, torch.full_like(z, rule.fill))
                 z = z[0] if x.ndim == 2 else z
-                if key == "depth":
+                if rule.divide_by_scale:
                     z = z / scale
                 out[key] = z.to(x.dtype) if not x.is_floating_point() else z
         return out
