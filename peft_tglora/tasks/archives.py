@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .specs import IGNORE_INDEX
+from .labels import IGNORE_INDEX, channels_last, to_array
 
 
 TABLES = Path(__file__).parent / "tables"
@@ -240,9 +240,9 @@ class Archive:
         if kind == "as_stored":
             out = path
         elif kind == "saliency":
-            out = saliency_binary(_read_array(path))
+            out = saliency_binary(to_array(path))
         elif kind == "nyud_semseg":
-            out = nyud_semseg(_read_array(path))
+            out = nyud_semseg(to_array(path))
         elif kind == "human_parts":
             out = human_parts_from_mat(path, shape)
         elif kind == "pascal_edges":
@@ -251,7 +251,7 @@ class Archive:
             label_map = context_label_map(paths[1])
             if label_map.shape != shape:
                 raise ValueError(f"{str(paths[1])!r} is {label_map.shape} but its image is {shape}.")
-            out = mask_normals(_read_array(path), label_map)
+            out = mask_normals(to_array(path), label_map)
         else:  # pragma: no cover - the layouts below use only the kinds above
             raise AssertionError(f"unknown label kind {kind!r}")
         size = _file_size(out) if isinstance(out, Path) else tuple(out.shape[:2])
@@ -263,17 +263,10 @@ class Archive:
         return out
 
 
-def _read_array(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path))
-
-
 def _file_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image or .npy file without decoding it (channels-first `[C, H, W]` arrays included)."""
     if path.suffix == ".npy":
-        shape = np.load(path, mmap_mode="r").shape
-        return tuple(shape[1:3]) if len(shape) == 3 and shape[0] in (1, 3) and shape[-1] not in (1, 3) else shape[:2]
+        return channels_last(np.load(path, mmap_mode="r"), (1, 3)).shape[:2]  # a view: nothing is read
     from PIL import Image
 
     with Image.open(path) as im:
