@@ -2,9 +2,9 @@
 Numeric core of the task metrics: pure numpy functions and streaming accumulators.
 
 Every metric is *dataset-level*: counts are summed over all pixels of all images, then combined once (as MTI-Net's and
-MTLoRA's meters do for mIoU, normals and depth). The accumulators (`MeanIoU`, `MaxF`, `MeanAngularError`, `RMSE`)
-are what a training loop should use on a full validation set; the `evaluate` modules next to this file call the same
-functions but keep every prediction until `compute()`, which suits small sets and the Hugging Face ecosystem.
+MTLoRA's meters do for mIoU, normals and depth). The accumulators (`MeanIoU`, `MaxF`, `SaliencyMeter`,
+`MeanAngularError`, `RMSE`) are what a training loop uses on a full validation set (`evaluation.evaluate`); the
+functions give the same numbers for predictions held in memory at once.
 
 Conventions (each one a choice; the tests pin them):
 
