@@ -62,33 +62,6 @@ def _train_loader(train, tasks, recipe: dict, seed: int):
     )  # fmt: skip
 
 
-class MultiTaskModel(torch.nn.Module):
-    """The TGLoRA backbone and one head per task: `{task: output [B, C, H, W] at the input's size}`."""
-
-    def __init__(self, backbone, heads):
-        super().__init__()
-        self.backbone, self.heads = backbone, heads
-
-    def forward(self, pixel_values):
-        features = self.backbone(pixel_values=pixel_values).task_features
-        size = pixel_values.shape[-2:]
-        return {task: head(features[task], output_size=size) for task, head in self.heads.items()}
-
-
-@torch.no_grad()
-def evaluate(model, loader, tasks) -> dict:
-    """`{task: {metric: value}}` from each task's streaming meter (per-class lists dropped)."""
-    from peft_tglora.tasks import build_meter, postprocess
-
-    meters = {t: build_meter(t, num_classes=NUM_CLASSES.get(t)) for t in tasks}
-    model.eval()
-    for batch in loader:
-        outputs = model(batch["pixel_values"])
-        for t in tasks:
-            meters[t].update(postprocess(t, outputs[t].float()), batch[t])
-    return {t: {k: float(v) for k, v in m.compute().items() if isinstance(v, (int, float))} for t, m in meters.items()}
-
-
 def save_run(folder: Path, backbone, heads, head_config: dict) -> None:
     from safetensors.torch import save_file
 
@@ -105,6 +78,7 @@ def load_run(folder: Path):
 
     import peft_tglora  # noqa: F401  (registers TGLoRA with PEFT)
     from peft_tglora.tasks import build_heads
+    from peft_tglora.tasks.model import MultiTaskModel
 
     head_config = json.loads((folder / "heads_config.json").read_text())
     base = folder / "base_model" if (folder / "base_model").is_dir() else head_config["backbone"]
@@ -149,10 +123,9 @@ def _peft(job: dict, backbone):
 
 def _heads(job: dict, backbone, recipe: dict):
     from peft_tglora.tasks import build_heads
+    from peft_tglora.tasks.model import stage_channels
 
-    with torch.no_grad():
-        out = backbone(pixel_values=torch.zeros(1, 3, *recipe["image_size"]))
-    channels = [int(f.shape[1]) for f in next(iter(out.task_features.values()))]
+    channels = stage_channels(backbone, recipe["image_size"])
     head_kwargs = dict(
         channels=[recipe["head_width"] * 2**s for s in range(len(channels))], hidden_channels=recipe["head_hidden"],
         kernel_size=recipe["head_kernel"], norm=recipe["head_norm"],
@@ -181,6 +154,8 @@ def train_run(job: dict) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from peft_tglora.tasks import default_loss_weights, multitask_loss
+    from peft_tglora.tasks.evaluation import evaluate
+    from peft_tglora.tasks.model import MultiTaskModel
 
     recipe, tasks, seed = job["recipe"], job["tasks"], job["seed"]
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -221,7 +196,7 @@ def train_run(job: dict) -> dict:
                 break
         epoch += 1
     train_cpu = time.process_time() - cpu0
-    metrics = evaluate(model, _eval_loader(val, tasks, recipe), tasks)
+    metrics = evaluate(model, _eval_loader(val, tasks, recipe), tasks, NUM_CLASSES)
     save_run(run_dir, backbone, heads, head_config)
     peft_config = backbone.peft_config["default"]
     return dict(
@@ -290,9 +265,11 @@ def work(job: dict) -> None:
 
 def score_saved(folder: Path, root, split: str, quick: bool = False) -> dict:
     """Metrics of a saved run (adapter + heads, backbone from `heads_config.json` or `base_model/`) on `split`."""
+    from peft_tglora.tasks.evaluation import evaluate
+
     torch.set_num_threads(1)
     model, head_config = load_run(folder)
     recipe = dict(image_size=head_config["image_size"], eval_batch_size=16)
     _, evaluation = _datasets({"quick": quick}, head_config["tasks"], split=split, root=root, with_train=False)
     loader = _eval_loader(evaluation, head_config["tasks"], recipe)
-    return evaluate(model, loader, head_config["tasks"])
+    return evaluate(model, loader, head_config["tasks"], NUM_CLASSES)
