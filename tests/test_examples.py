@@ -32,14 +32,20 @@ def load_example(name):
     return module
 
 
-def run_training(*argv, base=TINY):
-    """Run examples/train_tglora.py in this process (Accelerate's singletons reset around it)."""
+def run_training(*argv, patches=None, base=TINY):
+    """
+    Run examples/train_tglora.py in this process (Accelerate's singletons reset around it), with attributes of the
+    freshly loaded example replaced by `patches` (`{name: wrap}`, e.g. its loss).
+    """
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    module = load_example("train_tglora")
+    for name, value in (patches or {}).items():
+        setattr(module, name, value(getattr(module, name)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses below: steady timings on a shared 2-core machine
     try:
-        return load_example("train_tglora").main([*base, *map(str, argv)])
+        return module.main([*base, *map(str, argv)])
     finally:
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -245,23 +251,6 @@ def test_backbone_from_a_local_folder(tmp_path):
 
 
 # ---- faults: a run that cannot finish properly fails loudly, never leaves broken results behind (issue 8)
-def run_patched(*argv, patches=None, base=TINY):
-    """`run_training` with attributes of the freshly loaded example replaced (e.g. its loss)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    module = load_example("train_tglora")
-    for name, value in (patches or {}).items():
-        setattr(module, name, value(getattr(module, name)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return module.main([*base, *map(str, argv)])
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
 def nan_on_call(*bad_calls, counter=None):
     """Wraps `multitask_loss`: its result is NaN on the given calls (1-based); `counter` counts the calls."""
     counter = counter if counter is not None else {}
@@ -284,8 +273,8 @@ def read_weights(folder):
 def test_nonfinite_loss_stops_before_saving_anything(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 3: per-task losses .*semseg"):
-        run_patched("--max_train_steps", 4, "--checkpointing_steps", 1, "--output_dir", out,
-                    patches={"multitask_loss": nan_on_call(3)})  # fmt: skip
+        run_training("--max_train_steps", 4, "--checkpointing_steps", 1, "--output_dir", out,
+                     patches={"multitask_loss": nan_on_call(3)})  # fmt: skip
     assert not (out / "adapter_model.safetensors").exists() and not (out / "all_results.json").exists()
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_1", "step_2"]  # none after the NaN
     assert all(torch.isfinite(v).all() for v in load_file(out / "checkpoints/step_2/model.safetensors").values())
@@ -300,8 +289,8 @@ def test_nonfinite_steps_skipped_up_to_the_limit_and_results_are_strict_json(tmp
     monkeypatch.setattr(evaluation, "evaluate", nan_metric)
 
     common = ["--checkpointing_steps", 1, "--checkpoints_total_limit", 0, "--max_nonfinite_steps", 1]
-    run_patched(*common, "--max_train_steps", 4, "--output_dir", tmp_path / "out",
-                patches={"multitask_loss": nan_on_call(3)})  # fmt: skip
+    run_training(*common, "--max_train_steps", 4, "--output_dir", tmp_path / "out",
+                 patches={"multitask_loss": nan_on_call(3)})  # fmt: skip
     ckpt = tmp_path / "out" / "checkpoints"
     before, after = load_file(ckpt / "step_2/model.safetensors"), load_file(ckpt / "step_3/model.safetensors")
     trained = [k for k in before if "running_" not in k and "num_batches" not in k]  # norm statistics do move
@@ -312,8 +301,8 @@ def test_nonfinite_steps_skipped_up_to_the_limit_and_results_are_strict_json(tmp
     results = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in all_results.json"))
     assert results["metrics"]["semseg"]["nan_metric"] is None and results["steps"] == 4
     with pytest.raises(FloatingPointError, match="--max_nonfinite_steps 1"):  # the second one is past the limit
-        run_patched(*common, "--max_train_steps", 4, "--output_dir", tmp_path / "two",
-                    patches={"multitask_loss": nan_on_call(2, 3)})  # fmt: skip
+        run_training(*common, "--max_train_steps", 4, "--output_dir", tmp_path / "two",
+                     patches={"multitask_loss": nan_on_call(2, 3)})  # fmt: skip
 
 
 KILLED_MID_SAVE = """
@@ -391,8 +380,8 @@ def test_unwritable_output_dir_fails_before_the_first_step(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     counter = {}
     with pytest.raises(PermissionError, match="--output_dir .*taken.* is not a writable folder"):
-        run_patched("--max_train_steps", 2, "--output_dir", tmp_path / "taken",
-                    patches={"multitask_loss": nan_on_call(counter=counter)})  # fmt: skip
+        run_training("--max_train_steps", 2, "--output_dir", tmp_path / "taken",
+                     patches={"multitask_loss": nan_on_call(counter=counter)})  # fmt: skip
     assert counter.get("calls", 0) == 0
 
 
@@ -412,8 +401,8 @@ def test_bad_files_are_found_before_training_and_named(tmp_path):
     argv += ["--max_train_steps", 2]
     counter = {}
     with pytest.raises(ValueError, match="2 rows cannot be used") as error:
-        run_patched(*argv, "--output_dir", tmp_path / "out", base=TINY[2:],
-                    patches={"multitask_loss": nan_on_call(counter=counter)})  # fmt: skip
+        run_training(*argv, "--output_dir", tmp_path / "out", base=TINY[2:],
+                     patches={"multitask_loss": nan_on_call(counter=counter)})  # fmt: skip
     assert str(images[1]) in str(error.value) and str(labels[2]) in str(error.value)
     assert counter.get("calls", 0) == 0
     with pytest.raises(RuntimeError, match=r"Cannot decode row \d .*data/train/"):  # unchecked: named at its batch
