@@ -55,15 +55,13 @@ def setup(args, backbone_name):
     from peft_tglora import TGLoraConfig
     from peft_tglora.tasks import build_dataloaders, build_heads, load_multitask_dataset
     from peft_tglora.tasks.grouping import run_losses
-    from peft_tglora.tasks.model import build_backbone
+    from peft_tglora.tasks.model import build_backbone, stage_channels
 
     data = load_multitask_dataset("camvid", "train", root=DATA_ROOT, tasks=TASKS)
     loader, _ = build_dataloaders(data, data, TASKS, image_size=args.image_size, batch_size=args.batch_size)
     base = build_backbone(backbone_name, args.image_size)
     shared = get_peft_model(base, TGLoraConfig(tasks=TASKS, task_groups="shared", r=4)).eval()
-    with torch.no_grad():
-        features = shared(pixel_values=torch.zeros(1, 3, *args.image_size)).task_features[TASKS[0]]
-    channels = [f.shape[1] for f in features]
+    channels = stage_channels(shared, args.image_size)
     width = HEADS["head_width"]
     heads = build_heads(TASKS, channels, dataset="camvid", channels=[width * 2**s for s in range(len(channels))],
                         hidden_channels=HEADS["head_hidden"], kernel_size=HEADS["head_kernel"], norm=HEADS["head_norm"])  # fmt: skip

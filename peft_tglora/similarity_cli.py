@@ -91,13 +91,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def compute(args: argparse.Namespace):
     """Similarity of ``args.tasks`` on ``args.dataset`` with the run's heads and losses (`group_tasks`)."""
-    import torch
     from peft import get_peft_model
 
     from . import TGLoraConfig
     from .tasks import build_dataloaders, build_heads, get_dataset_spec, load_multitask_dataset
     from .tasks.grouping import default_groups_per_stage, group_tasks, run_losses
-    from .tasks.model import build_backbone
+    from .tasks.model import build_backbone, stage_channels
 
     tasks = args.tasks.split(",") if args.tasks else list(get_dataset_spec(args.dataset).tasks)
     if args.demo:
@@ -111,9 +110,7 @@ def compute(args: argparse.Namespace):
     with upstream_deprecations_silenced():
         shared = get_peft_model(base, TGLoraConfig(tasks=tasks, task_groups="shared", r=4))
     shared.eval()
-    height, width = (args.image_size,) * 2 if isinstance(args.image_size, int) else args.image_size
-    with torch.no_grad():
-        channels = [f.shape[1] for f in shared(pixel_values=torch.zeros(1, 3, height, width)).task_features[tasks[0]]]
+    channels = stage_channels(shared, args.image_size)
     head_kwargs = dict(channels=[args.head_width * 2**s for s in range(len(channels))], hidden_channels=args.head_hidden,
                        kernel_size=args.head_kernel, norm=args.head_norm)  # fmt: skip
     heads = build_heads(tasks, channels, dataset=args.dataset, **head_kwargs)
