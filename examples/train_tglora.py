@@ -305,7 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--cache_decoded", action="store_true", help="Keep decoded training images in memory.")
-    p.add_argument("--augmentation", default="reference", choices=["reference", "scale_rotate", "flip"])
+    p.add_argument("--augmentation", default="reference", choices=options.AUGMENTATIONS)
     p.add_argument("--output_dir", default="tglora-output")
     p.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
     p.add_argument("--skip_data_check", action="store_true", help="Skip decoding every row before training.")

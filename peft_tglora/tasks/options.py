@@ -52,6 +52,9 @@ def parse_loss_weights(value: str | None, dataset: str, tasks: Sequence[str]) ->
     return weights
 
 
+AUGMENTATIONS = ("reference", "scale_rotate", "flip")  # the choices of `augmentation` (the CLI's --augmentation)
+
+
 def augmentation(choice: str, dataset: str) -> list:
     """
     Transforms before the flip: `"reference"` the data set's own scale / rotation recipe (PASCAL, NYUD; none for the
@@ -59,7 +62,7 @@ def augmentation(choice: str, dataset: str) -> list:
     """
     from .transforms import reference_augmentation
 
-    if choice not in ("reference", "scale_rotate", "flip"):
+    if choice not in AUGMENTATIONS:
         raise ValueError(f"--augmentation {choice!r}: choose reference, scale_rotate or flip.")
     recipe = reference_augmentation(dataset) if choice != "flip" else []
     if choice == "scale_rotate" and not recipe:
