@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backbones import backbone_core, get_backbone_spec
-from .layer import TGLoraLayer
+from .layer import TGLoraLayer, stream_index
 from .tree import StreamLayout, TaskTree
 
 
@@ -116,7 +116,7 @@ class StreamHooks:
         parents = layout.parents[stage]
         previous = 1 if stage == 0 else len(layout.groups[stage - 1])
         streams = hidden.reshape(previous, -1, *hidden.shape[1:])  # [G_prev, B, ...]
-        index = torch.tensor(parents, device=hidden.device)
+        index = stream_index(parents, hidden.device)
         hidden = streams.index_select(0, index).reshape(-1, *hidden.shape[1:])  # [G * B, ...], child = parent
         return (hidden, *args[1:]), kwargs
 

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+
+
+@lru_cache(maxsize=256)
+def stream_index(groups: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`groups` as an index tensor on `device`, built once per layout and device: a tensor built from a Python list on
+    every forward is copied to the device each time, and on CUDA that copy waits for the device."""
+    with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
+        return torch.tensor(groups, dtype=torch.long, device=device)
 
 
 def _take(tensor: torch.Tensor, groups: tuple[int, ...] | None) -> torch.Tensor:
@@ -17,7 +26,7 @@ def _take(tensor: torch.Tensor, groups: tuple[int, ...] | None) -> torch.Tensor:
         return tensor
     if groups == tuple(range(groups[0], groups[-1] + 1)):
         return tensor[groups[0] : groups[-1] + 1]
-    return tensor[list(groups)]
+    return tensor.index_select(0, stream_index(groups, tensor.device))
 
 
 class TGLoraLayer(BaseTunerLayer):
