@@ -1,7 +1,6 @@
 """The field's archives (PASCAL_MT, MTI-Net NYUD_MT, ATRC NYUDv2) in their own layouts and formats, read as the
 reference code reads them: tiny fixtures written here, labels computed by hand in each test."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
+from test_examples import run_training
 
 from peft_tglora.tasks import load_multitask_dataset
 from peft_tglora.tasks.archives import detect_archive, laplacian_edges, thin
@@ -264,27 +264,12 @@ def test_detect_keeps_the_project_layout(tmp_path):
 # ---------------------------------------------------------------- two training steps on each archive
 def _train(tmp_path, dataset, root, tasks):
     """The README's command on the extracted archive: every task the archive holds, tiny settings."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_tglora.py"
-    spec = importlib.util.spec_from_file_location("train_tglora_archives", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module.main([
-            "--dataset", dataset, "--data_root", str(root), "--tasks", ",".join(tasks), "--task_groups", "shared",
-            "--image_size", "64", "--batch_size", "1", "--max_train_steps", "2", "--r", "2", "--head_width", "4",
-            "--head_hidden", "8", "--output_dir", str(tmp_path / "out"),
-            "--backbone_config", '{"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}',
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    run_training(
+        "--dataset", dataset, "--data_root", root, "--tasks", ",".join(tasks), "--task_groups", "shared",
+        "--image_size", "64", "--batch_size", "1", "--max_train_steps", "2", "--r", "2", "--head_width", "4",
+        "--head_hidden", "8", "--output_dir", tmp_path / "out",
+        "--backbone_config", '{"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}', base=[],
+    )  # fmt: skip
     return json.loads((tmp_path / "out" / "all_results.json").read_text())
 
 
