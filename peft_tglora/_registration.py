@@ -81,12 +81,14 @@ def _roll_back_failed_loads() -> None:
 
 def _explain(error: BaseException, model_id) -> None:
     """Say, under PEFT's or safetensors' own message, which adapter failed and that the model is as it was."""
-    if isinstance(error, Exception) and hasattr(error, "add_note"):  # Python >= 3.11
-        error.add_note(
-            f"Loading the TGLoRA adapter {str(model_id)!r} failed; the model was left as it was. A damaged file: "
-            "download it again (`huggingface_hub.snapshot_download(repo_id, force_download=True)`); an adapter for "
-            "another backbone: load it onto the backbone named in its adapter_config.json (`base_model_name_or_path`)."
-        )
+    note = (
+        f"Loading the TGLoRA adapter {str(model_id)!r} failed; the model was left as it was. A damaged file: "
+        "download it again (`huggingface_hub.snapshot_download(repo_id, force_download=True)`); an adapter for "
+        "another backbone: load it onto the backbone named in its adapter_config.json (`base_model_name_or_path`)."
+    )
+    # `from_pretrained` calls `load_adapter`: when its rollback has noted the error, the outer one says nothing new
+    if isinstance(error, Exception) and hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
+        error.add_note(note)  # Python >= 3.11
 
 
 @contextlib.contextmanager

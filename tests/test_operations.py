@@ -217,6 +217,7 @@ def test_failed_from_pretrained_leaves_the_base_model_as_it_was(tmp_path, model_
         PeftModel.from_pretrained(base, path)
     # the note names the adapter and the fix, under PEFT's or safetensors' own message (which names neither)
     assert str(path) in "".join(raised.value.__notes__) and "left as it was" in "".join(raised.value.__notes__)
+    assert sum("left as it was" in note for note in raised.value.__notes__) == 1, "the note is said once"
     assert_unchanged(base, before)
     out = base(x)
     assert "task_features" not in out
