@@ -9,7 +9,7 @@ import pytest
 import torch
 from backbones import MODEL_TYPES, reference_stage_features, tiny_backbone
 from peft import PeftModel, get_peft_model
-from test_operations import assert_unchanged, fingerprint
+from test_operations import assert_unchanged, features, fingerprint
 
 from peft_tglora import TGLoraConfig, TGLoraLayer
 
@@ -29,10 +29,6 @@ def pixels(batch=2, seed=1, dtype=torch.float32):
 def tglora(model_type, task_groups=TREE, dtype=torch.float32):
     config = TGLoraConfig(tasks=TASKS, task_groups=task_groups, r=4, lora_alpha=8, init_lora_weights=False)
     return get_peft_model(tiny_backbone(model_type), config).to(dtype)
-
-
-def features(out):
-    return {task: [f.detach().clone() for f in maps] for task, maps in out.task_features.items()}
 
 
 def assert_features(out, expected, tasks, tol=0.0):
