@@ -28,6 +28,7 @@ class StreamLayout:
 
     def splits_at(self, stage: int) -> bool:
         """Whether entering `stage` changes the stream layout (anything but one child per parent, in order)."""
+        # every stream kept keeps at least one child, so "parents == 0..G-1" means one child each, in order
         return self.parents[stage] != tuple(range(len(self.groups[stage])))
 
     def position(self, group: int, stage: int) -> int:
@@ -75,9 +76,8 @@ class TaskTree:
         return tuple(parents)
 
     def splits_at(self, stage: int) -> bool:
-        """Whether entering `stage` changes the stream layout (anything but one child per parent, in order)."""
-        # every parent keeps at least one child, so "parents == 0..G-1" means one child each, in order
-        return self.parent_indices[stage] != tuple(range(self.groups_per_stage[stage]))
+        """Whether entering `stage` changes the stream layout when every task runs (see `StreamLayout.splits_at`)."""
+        return self.layout().splits_at(stage)
 
     def layout(self, tasks: Sequence[str] | None = None) -> StreamLayout:
         """The streams that serve `tasks` (default: all): the groups on the paths from the input to their leaves."""
