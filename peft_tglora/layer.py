@@ -29,6 +29,14 @@ def _take(tensor: torch.Tensor, groups: tuple[int, ...] | None) -> torch.Tensor:
     return tensor.index_select(0, stream_index(groups, tensor.device))
 
 
+def _refuse_non_finite(merged: torch.Tensor, names: list[str], layer: str = "") -> None:
+    if not torch.isfinite(merged).all():
+        raise ValueError(
+            f"Merging {names} into {layer or 'a layer'} would put NaNs or infs into its weight, so nothing was merged: "
+            "the adapter is broken (check the training loss and learning rate)."
+        )
+
+
 class TGLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("tglora_A", "tglora_B", "tglora_shared_A", "tglora_shared_B")
     other_param_names = ("r", "lora_alpha", "scaling", "shared_scaling", "tglora_dropout")
@@ -148,14 +156,11 @@ class Linear(nn.Module, TGLoraLayer):
 
     def check_merge_is_finite(self, adapter_names: list[str] | None = None, name: str = "") -> None:
         """Raise before any weight changes if merging would put NaNs or infs into the base weight."""
+        names = self._mergeable(adapter_names)
         merged = self.get_base_layer().weight.data.float()
-        for adapter in self._mergeable(adapter_names):
+        for adapter in names:
             merged = merged + self.delta_weight(adapter, 0).float()
-        if not torch.isfinite(merged).all():
-            raise ValueError(
-                f"Merging {self._mergeable(adapter_names)} into {name or 'a layer'} would put NaNs or infs into its "
-                "weight, so nothing was merged: the adapter is broken (check the training loss and learning rate)."
-            )
+        _refuse_non_finite(merged, names, name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, grouped: bool = False) -> None:
         """Merge adapters whose stage has a single group into the base weight; grouped stages keep running unmerged.
@@ -170,11 +175,8 @@ class Linear(nn.Module, TGLoraLayer):
             if not names:
                 return
             merged = self.grouped_weight(names)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"Merging {names} into a layer would put NaNs or infs into its weight, so nothing was merged: the "
-                    "adapter is broken (check the training loss and learning rate)."
-                )
+            if safe_merge:
+                _refuse_non_finite(merged, names)
             self.merged_group_weight = merged
             self.merged_adapters.extend(names)
             return
