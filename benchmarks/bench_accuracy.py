@@ -1,17 +1,20 @@
 """Accuracy benchmark (issue 11, items 4-5): does TGLoRA beat shared and per-task LoRA on real images?
 
 Every variant trains LoRA-style adapters and the same light heads on one frozen backbone pretrained on CIFAR-10
-(`pretrain_backbone.py`), with one recipe, on camvid_mt (367 train / 101 val CamVid frames at 120x160, four tasks:
+(`pretrain_backbone.py`: tiny-swin by default, or `--backbone tiny-pvtv2`), with one recipe, on camvid_mt (367 train / 101 val CamVid frames at 120x160, four tasks:
 semseg, edges, saliency, edge_texture). Val shares a sequence (0016E5) with 204 train frames, so val scores are
 optimistic; `evaluate` re-scores the saved runs on any split in the same layout (the held-out test split).
 
     python benchmarks/bench_accuracy.py run             # the whole benchmark, <= 45 min on an idle 2-core CPU
+    python benchmarks/bench_accuracy.py run --backbone tiny-pvtv2   # the same on the second backbone
     python benchmarks/bench_accuracy.py run --quick     # one variant pair, a few steps on 16 frames (CI)
     python benchmarks/bench_accuracy.py report          # rebuild table, verdicts and plot from the saved JSON
+    python benchmarks/bench_accuracy.py report --backbone tiny-pvtv2
     python benchmarks/bench_accuracy.py evaluate --eval_root DIR --eval_split test
 
 Each run is a worker process (`worker JSON`, one torch thread), two at a time. The protocol below is fixed before the
-real run; the decision rules are in `accuracy_report.py`.
+real run; the decision rules are in `accuracy_report.py`. Each backbone has its own results folder, picture and
+RESULTS.md section (tiny-swin's keep their first names: `results/accuracy/`, `accuracy.png`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import collections
 import concurrent.futures
 import json
+import math
 import os
 import re
 import subprocess
@@ -32,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO / ".." / "shared" / "data" / "camvid_mt"
-OUT = REPO / "benchmarks" / "results" / "accuracy"
+FIRST_BACKBONE = "tiny-swin"  # the first benchmark's: its folder, picture and RESULTS.md heading keep their names
 TASKS = ["semseg", "edges", "saliency", "edge_texture"]
 
 # The recipe, the same for every variant. Taken from the demo preset of examples/train_tglora.py (the tiny backbone's
@@ -42,10 +46,11 @@ RECIPE = dict(
     image_size=[120, 160], batch_size=8, epochs=6, learning_rate=2e-3, weight_decay=0.05, warmup_ratio=0.05,
     max_grad_norm=5.0, head_width=8, head_hidden=128, head_kernel=1, head_norm="batch", eval_batch_size=16,
 )  # fmt: skip
-# Equal adapter parameters with the tuner's count on tiny-swin: shared r=20 and per-task r=5 both 345,600,
-# tree 1,1,2,4 r=7 346,752 (+0.3 %). Stage widths double, so a stage's LoRA costs 1, 2, 4, 8 units: 15 r, 60 r, 43 r.
-RANKS = dict(shared=20, per_task=5, tree=7)
-EQUAL_RANK = 7  # the equal-rank arm: every variant at r=7 (the tree's runs serve both arms)
+# The equal-parameter arm is anchored at per-task LoRA r=5; `equal_parameter_ranks` picks shared's and the trees'
+# ranks for the backbone in use. On tiny-swin and tiny-pvtv2 (both widths 32-64-128-256, depths 2-2-2-2, 18 C r
+# adapter parameters per block) it gives shared r=20 and per-task r=5, both 345,600, tree 1,1,2,4 r=7, 346,752 (+0.3 %).
+PER_TASK_RANK = 5
+PARAMETER_TOLERANCE = 0.02  # every equal-parameter variant within 2 % of per-task LoRA's adapter parameters
 SEEDS = [0, 1, 2]  # key variants; the 6 other partitions, equal-rank runs and sanity rows get seed 0 only
 # group_tasks' defaults (measured on CamVid by benchmarks/bench_similarity_stability.py)
 SIMILARITY = dict(seeds=[0, 1, 2], num_batches=16, head_warmup_steps=10, head_warmup_lr=1e-3)
@@ -56,11 +61,47 @@ def slug(name: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9+_-]+", "_", name).strip("_") + f"-s{seed}"
 
 
-def plan(similarity_partition=None, quick: bool = False) -> list[dict]:
+def equal_parameter_ranks(backbone, image_size=(64, 64)) -> tuple[dict[str, int], dict[str, int]]:
     """
-    The runs in the order they start. Without `similarity_partition`: the key runs (per-task, shared, the Δm
-    reference, the 7 partitions with seed 0), which need no similarity; with it: tglora_sim's seeds 1-2, then the
-    equal-rank and sanity rows, so that the rows the verdicts need finish first.
+    The equal-parameter arm's ranks on `backbone` (a `save_pretrained` folder or a transformers config) and their
+    adapter-parameter counts, both `{"shared", "per_task", "tree"}`. The rule: per-task LoRA at r=PER_TASK_RANK;
+    shared LoRA and the 1,1,2,4 trees each at the rank whose count is nearest per-task's (the lower one on a tie).
+    Counts are the tuner's (`peft_tglora.costs.tree_costs`: trainable parameters after `get_peft_model`, on the meta
+    device); raises if one is not within PARAMETER_TOLERANCE of per-task's.
+    """
+    from peft_tglora.costs import tree_costs
+
+    def count(tree, r):
+        return tree_costs(backbone, tree, image_size, tasks=TASKS, r=r).backbone_params
+
+    target = count("per_task", PER_TASK_RANK)
+    ranks, counts = {"per_task": PER_TASK_RANK}, {"per_task": target}
+    for name, tree in (("shared", "shared"), ("tree", "1,1,2,4")):
+        # LoRA's count is r (in + out) per adapted linear and group: the nearest rank is next to target / count(r=1)
+        guess = target / count(tree, 1)
+        candidates = {r: count(tree, r) for r in {max(1, math.floor(guess)), math.ceil(guess)}}
+        ranks[name] = min(candidates, key=lambda r: (abs(candidates[r] - target), r))
+        counts[name] = candidates[ranks[name]]
+        if abs(counts[name] / target - 1) > PARAMETER_TOLERANCE:
+            raise ValueError(
+                f"No rank gives {name} within {PARAMETER_TOLERANCE:.0%} of per-task LoRA's {target:,} adapter "
+                f"parameters on this backbone: the nearest, r={ranks[name]}, gives {counts[name]:,}."
+            )
+    return ranks, counts
+
+
+def default_out(backbone: str) -> Path:
+    """`benchmarks/results/accuracy` for tiny-swin (the first benchmark's folder), `accuracy_<backbone>` otherwise."""
+    name = "" if backbone == FIRST_BACKBONE else "_" + re.sub(r"[^A-Za-z0-9+_-]+", "_", Path(backbone).name)
+    return REPO / "benchmarks" / "results" / f"accuracy{name}"
+
+
+def plan(ranks: dict[str, int], similarity_partition=None, quick: bool = False) -> list[dict]:
+    """
+    The runs in the order they start, at `ranks` (`equal_parameter_ranks`; the equal-rank arm runs every variant at
+    the tree's rank, so the tree's runs serve both arms). Without `similarity_partition`: the key runs (per-task,
+    shared, the Δm reference, the 7 partitions with seed 0), which need no similarity; with it: tglora_sim's seeds 1-2,
+    then the equal-rank and sanity rows, so that the rows the verdicts need finish first.
     """
     from accuracy_report import partition_label, tree_for_partition, two_group_partitions
 
@@ -70,24 +111,25 @@ def plan(similarity_partition=None, quick: bool = False) -> list[dict]:
 
     def partition_job(partition):
         tree = tree_for_partition(TASKS, partition)
-        return job(f"partition {partition_label(partition)}", "partition", "equal params", tree, RANKS["tree"], 0)
+        return job(f"partition {partition_label(partition)}", "partition", "equal params", tree, ranks["tree"], 0)
 
+    equal_rank = ranks["tree"]
     if quick:  # two variants: shared LoRA and one tree
         return [] if similarity_partition else [
-            job("shared", "shared", "equal params", "shared", RANKS["shared"], 0),
+            job("shared", "shared", "equal params", "shared", ranks["shared"], 0),
             partition_job(two_group_partitions(TASKS)[0]),
         ]  # fmt: skip
     if similarity_partition is not None:  # the similarity's tree: its seed 0 is its partition run
         tree = tree_for_partition(TASKS, similarity_partition)
-        jobs = [job("tglora_sim", "tglora_sim", "equal params", tree, RANKS["tree"], s) for s in SEEDS[1:]]
-        jobs += [job(f"per_task r{EQUAL_RANK}", "per_task", "equal rank", "per_task", EQUAL_RANK, 0)]
-        jobs += [job(f"shared r{EQUAL_RANK}", "shared", "equal rank", "shared", EQUAL_RANK, 0)]
-        jobs += [job("sanity: random backbone", "random_backbone", "sanity", "shared", RANKS["shared"], 0)]
+        jobs = [job("tglora_sim", "tglora_sim", "equal params", tree, ranks["tree"], s) for s in SEEDS[1:]]
+        jobs += [job(f"per_task r{equal_rank}", "per_task", "equal rank", "per_task", equal_rank, 0)]
+        jobs += [job(f"shared r{equal_rank}", "shared", "equal rank", "shared", equal_rank, 0)]
+        jobs += [job("sanity: random backbone", "random_backbone", "sanity", "shared", ranks["shared"], 0)]
         return jobs + [job("sanity: heads only", "heads_only", "sanity", "shared", 1, 0)]
-    jobs = [job("per_task", "per_task", "equal params", "per_task", RANKS["per_task"], s) for s in SEEDS]
-    jobs += [job("shared", "shared", "equal params", "shared", RANKS["shared"], s) for s in SEEDS]
+    jobs = [job("per_task", "per_task", "equal params", "per_task", ranks["per_task"], s) for s in SEEDS]
+    jobs += [job("shared", "shared", "equal params", "shared", ranks["shared"], s) for s in SEEDS]
     for task in TASKS:  # the Δm reference: one task, shared LoRA at the shared rank
-        jobs += [job(f"single_task {task}", "single_task", "reference", "shared", RANKS["shared"], s, tasks=[task])
+        jobs += [job(f"single_task {task}", "single_task", "reference", "shared", ranks["shared"], s, tasks=[task])
                  for s in SEEDS]  # fmt: skip
     return jobs + [partition_job(p) for p in two_group_partitions(TASKS)]
 
@@ -120,32 +162,36 @@ def launch(job: dict, out: Path) -> dict:
 def run_all(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(backbone=str(resolve_backbone(args.backbone, out)), data_root=str(args.data_root), out=str(out),
+    backbone = resolve_backbone(args.backbone, out)
+    common = dict(backbone=str(backbone), data_root=str(args.data_root), out=str(out),
                   quick=args.quick, resume=args.resume, recipe=dict(RECIPE, epochs=args.epochs or RECIPE["epochs"]))  # fmt: skip
+    ranks, counts = equal_parameter_ranks(backbone)
+    print(f"equal-parameter ranks on {args.backbone}: {ranks}; adapter parameters {counts}", flush=True)
     start = time.perf_counter()
     if args.quick:
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            futures = [pool.submit(launch, dict(job, **common), out) for job in plan(quick=True)]
+            futures = [pool.submit(launch, dict(job, **common), out) for job in plan(ranks, quick=True)]
             # in this process beside the two workers: one round of process start-ups instead of two
             similarity_inline(dict(kind="similarity", **common), out)
             results = [f.result() for f in futures]
     else:
-        results = schedule(common, out)
+        results = schedule(common, out, ranks)
     failed = [r for r in results if "error" in r]
     wall = time.perf_counter() - start
     (out / "wall.json").write_text(json.dumps({"wall_s": round(wall, 1), "quick": args.quick}) + "\n")
     print(f"wall time {wall / 60:.1f} min; {len(failed)} failed runs")
     for r in failed:
         print(f"FAILED {r['name']}:\n{r['log_tail']}")
-    report(out, quick=args.quick, results_md=None if args.quick else REPO / "benchmarks" / "RESULTS.md")
+    results_md = None if args.quick else REPO / "benchmarks" / "RESULTS.md"
+    report(out, quick=args.quick, results_md=results_md, backbone=args.backbone)
 
 
-def schedule(common: dict, out: Path) -> list[dict]:
+def schedule(common: dict, out: Path, ranks: dict[str, int]) -> list[dict]:
     """
     Two worker slots over one queue. The similarity runs first; when it is done, its partition's seed-0 run and
     tglora_sim's seeds 1-2 move to the front (rule A needs them), and the equal-rank and sanity rows go to the back.
     """
-    queue = collections.deque([dict(kind="similarity"), *plan()])
+    queue = collections.deque([dict(kind="similarity"), *plan(ranks)])
     results, cond, busy = [], threading.Condition(), [0]
 
     def slot():
@@ -161,7 +207,7 @@ def schedule(common: dict, out: Path) -> list[dict]:
             with cond:
                 results.append(result)
                 if job["kind"] == "similarity" and "error" not in result:
-                    extra = plan(result["partition"])
+                    extra = plan(ranks, result["partition"])
                     own = [j for j in queue if j["name"] == result["row_name"]]  # the partition's seed-0 run
                     for j in own:
                         queue.remove(j)
@@ -233,7 +279,18 @@ def assemble(runs: list[dict], similarity: dict | None) -> list[dict]:
     return sorted(runs, key=lambda r: (order.index(r["arm"]), r["variant"] == "partition", r["name"], r["seed"]))
 
 
-def report(out: Path, quick: bool = False, results_md: Path | None = None, title: str = "val") -> dict:
+def report(
+    out: Path,
+    quick: bool = False,
+    results_md: Path | None = None,
+    title: str = "val",
+    backbone: str = FIRST_BACKBONE,
+    dry: bool = False,
+) -> dict:
+    """
+    Table, verdicts and plot of the runs in `out`. With `results_md`, `backbone`'s section of it (protocol and table)
+    is replaced and its picture goes to `benchmarks/`; with `dry` too, the section is printed and nothing is written.
+    """
     import accuracy_report as rep
 
     runs, similarity = load_runs(out)
@@ -258,40 +315,87 @@ def report(out: Path, quick: bool = False, results_md: Path | None = None, title
         )
     if wall:
         table += f" Benchmark wall time: {wall['wall_s'] / 60:.1f} min."
-    print(table)
+    if results_md is None:
+        print(table)
     per_run = {f"{r['name']} seed {r['seed']}": r["delta_m"] for r in runs if "delta_m" in r}
     (out / f"summary_{title}.json").write_text(
         json.dumps(dict(result, reference=reference, delta_m_per_run=per_run), indent=2) + "\n"
     )
-    rep.plot(
-        runs,
-        result,
-        REPO / "benchmarks" / "accuracy.png" if results_md is not None else out / f"accuracy_{title}.png",
-    )
+    write = results_md is not None and not dry
+    picture = "accuracy.png" if backbone == FIRST_BACKBONE else f"accuracy_{Path(backbone).name}.png"
+    rep.plot(runs, result, REPO / "benchmarks" / picture if write else out / f"accuracy_{title}.png")
     if results_md is not None:
-        section = "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"
-        text = results_md.read_text()
-        text = text.split("\n" + section)[0].rstrip("\n")  # this section is always the last one: replace it
-        protocol = textwrap.fill(" ".join(PROTOCOL.split()), 119, break_on_hyphens=False)
-        results_md.write_text(f"{text}\n\n{section}\n\n{protocol}\n\n{table}\n")
+        ranks = {row: next(r["r"] for r in runs if r["name"] == row) for row in ("shared", "per_task", "tglora_sim")}
+        text = protocol(backbone, runs[0]["backbone"], dict(ranks, tree=ranks.pop("tglora_sim")))
+        body = f"{textwrap.fill(' '.join(text.split()), 119, break_on_hyphens=False)}\n\n{table}"
+        if dry:
+            print(f"{section_heading(backbone)}\n\n{body}")
+        else:  # re-read just before writing: other sections of the file may have changed during the run
+            results_md.write_text(replace_section(results_md.read_text(), section_heading(backbone), body))
     return result
 
 
-PROTOCOL = f"""\
-`python benchmarks/bench_accuracy.py run` (camvid_mt train 367 frames → val 101 frames, 120x160; val shares sequence
+def section_heading(backbone: str) -> str:
+    if backbone == FIRST_BACKBONE:
+        return "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"
+    return f"## Accuracy on real images (issue 11) on {Path(backbone).name}: TGLoRA vs shared and per-task LoRA"
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """`text` with the section under `heading` (up to the next `#`/`##` heading outside code) set to `body`, or with
+    the section appended at the end if there is none; every other section stays as it was, wherever this one is."""
+    lines, fenced, start, end = text.rstrip("\n").split("\n"), False, None, None
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line == heading and start is None:
+            start = i
+        elif not fenced and start is not None and re.match(r"#{1,2} ", line):
+            end = i
+            break
+    new = [heading, "", *body.rstrip("\n").split("\n")]
+    if start is None:
+        return "\n".join([*lines, "", *new]) + "\n"
+    after = [] if end is None else ["", *lines[end:]]
+    return "\n".join([*lines[:start], *new, *after]) + "\n"
+
+
+def protocol(name: str, folder, ranks: dict[str, int]) -> str:
+    """The protocol paragraph of `name`'s RESULTS.md section: the backbone's size and shape read from its folder."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):  # shapes only: the parameter count needs no weights
+        size = sum(p.numel() for p in AutoModel.from_config(config).parameters()) / 1e6
+
+    def dashed(values):
+        return "-".join(str(v) for v in values)
+
+    if config.model_type == "swin":
+        shape, full = f"embed {config.embed_dim}, depths {dashed(config.depths)}", "Swin-T"
+    else:
+        shape = f"widths {dashed(config.hidden_sizes)}, depths {dashed(config.depths)}"
+        shape += f", key/value reduction {dashed(config.sr_ratios)}" if hasattr(config, "sr_ratios") else ""
+        full = {"pvt_v2": "an ImageNet-pretrained PVTv2"}.get(config.model_type, "a full-size backbone")
+    first = name == FIRST_BACKBONE
+    command = "run" if first else f"run --backbone {name}"
+    budget = "" if first else f" with {FIRST_BACKBONE}, and were kept unchanged for {name}"
+    return f"""\
+`python benchmarks/bench_accuracy.py {command}` (camvid_mt train 367 frames → val 101 frames, 120x160; val shares sequence
 0016E5 with 204 train frames, so these are optimistic val scores; the hidden test split is scored with `evaluate`).
-Frozen tiny-swin (2.3M parameters, embed 32, depths 2-2-2-2) pretrained on CIFAR-10 at 64 px
+Frozen {name} ({size:.1f}M parameters, {shape}) pretrained on CIFAR-10 at 64 px
 (`pretrain_backbone.py`). The recipe (`RECIPE` in the script: AdamW lr {RECIPE["learning_rate"]}, cosine with
 {RECIPE["warmup_ratio"]:.0%} warm-up, batch {RECIPE["batch_size"]}, {RECIPE["epochs"]} epochs, heads of width
 {RECIPE["head_width"]} / fusion {RECIPE["head_hidden"]}, camvid's default loss weights) comes from the demo preset, was
 not tuned on these data, and is the same for every row; the epochs were set from a measured epoch of the costliest
-variant so that the whole benchmark fits 45 minutes on an idle 2-core CPU. Equal-parameter arm: shared
-r={RANKS["shared"]}, per-task r={RANKS["per_task"]}, trees 1,1,2,4 r={RANKS["tree"]} (adapter parameters counted by
-the tuner). Equal-rank arm: every variant at r={EQUAL_RANK} (tglora_sim serves both arms). Seeds {SEEDS} for shared,
+variant so that the whole benchmark fits 45 minutes on an idle 2-core CPU{budget}. Equal-parameter arm: shared
+r={ranks["shared"]}, per-task r={ranks["per_task"]}, trees 1,1,2,4 r={ranks["tree"]} (adapter parameters counted by
+the tuner). Equal-rank arm: every variant at r={ranks["tree"]} (tglora_sim serves both arms). Seeds {SEEDS} for shared,
 per-task, tglora_sim and the single-task reference; seed 0 only for the other 6 partitions, the equal-rank arm and
-the sanity rows (budget). Δm is against single-task LoRA (one task, shared r={RANKS["shared"]}, same recipe), the mean
-over its seeds. Single-threaded workers, two at a time. Scale caveats: a 2.3M-parameter backbone pretrained on
-CIFAR-10, 160x120 frames, three of the four tasks derived from one label map; nothing here speaks for Swin-T on
+the sanity rows (budget). Δm is against single-task LoRA (one task, shared r={ranks["shared"]}, same recipe), the mean
+over its seeds. Single-threaded workers, two at a time. Scale caveats: a {size:.1f}M-parameter backbone pretrained on
+CIFAR-10, 160x120 frames, three of the four tasks derived from one label map; nothing here speaks for {full} on
 PASCAL-Context."""
 
 
@@ -318,17 +422,20 @@ def main(argv=None) -> None:
     p.add_argument("job", nargs="?", help="worker only: the job as JSON")
     p.add_argument("--quick", action="store_true", help="CI smoke run: two variants, 2 steps, 16 frames, one seed")
     p.add_argument(
-        "--out", default=None, help=f"results folder (default {OUT.relative_to(REPO)}, or a runs/ folder with --quick)"
+        "--out",
+        default=None,
+        help=f"results folder (default {default_out(FIRST_BACKBONE).relative_to(REPO)}, or "
+        f"{default_out('NAME').relative_to(REPO)} for --backbone NAME, or a runs/ folder with --quick)",
     )
     p.add_argument("--backbone", default="tiny-swin", help="pretrain_backbone.py name, a folder, or random-tiny-swin")
     p.add_argument("--data_root", default=DATA_ROOT)
-    p.add_argument("--dry", action="store_true", help="report: print only; RESULTS.md is left alone")
+    p.add_argument("--dry", action="store_true", help="report: print the RESULTS.md section; nothing is written")
     p.add_argument("--resume", action="store_true", help="run: skip runs whose summary JSON is already in --out")
     p.add_argument("--epochs", type=int, default=None, help="override RECIPE's epochs (budget measurements only)")
     p.add_argument("--eval_root", default=DATA_ROOT, help="evaluate: a folder in the camvid_mt layout")
     p.add_argument("--eval_split", default="val")
     args = p.parse_args(argv)
-    args.out = args.out or (REPO / "runs" / "bench_accuracy_quick" if args.quick else OUT)
+    args.out = args.out or (REPO / "runs" / "bench_accuracy_quick" if args.quick else default_out(args.backbone))
     sys.path.insert(0, str(Path(__file__).parent))
     if args.command == "worker":
         from bench_accuracy_worker import work
@@ -337,8 +444,8 @@ def main(argv=None) -> None:
     elif args.command == "run":
         run_all(args)
     elif args.command == "report":
-        write = not (args.quick or args.dry)
-        report(Path(args.out), quick=args.quick, results_md=REPO / "benchmarks" / "RESULTS.md" if write else None)
+        results_md = None if args.quick else REPO / "benchmarks" / "RESULTS.md"
+        report(Path(args.out), quick=args.quick, results_md=results_md, backbone=args.backbone, dry=args.dry)
     else:
         evaluate_saved(args)
 

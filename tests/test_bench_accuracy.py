@@ -106,31 +106,107 @@ def test_quick_run_and_evaluate_reproduce_the_saved_metrics(tmp_path):
                 assert again[task][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, task, key)
 
 
-def test_plan_and_equal_parameter_ranks():
-    import bench_accuracy as bench
+def _tiny_backbone_config(name):
+    """The benchmark's backbone architectures, as `pretrain_backbone.py` builds them (random weights, 64 px)."""
+    from pretrain_backbone import make_recipe
+    from transformers import AutoConfig
+
+    config = dict(make_recipe(name)["config"])
+    return AutoConfig.for_model(config.pop("model_type"), image_size=64, **config)
+
+
+def _trainable(config, task_groups, r):
+    """Adapter parameters as the worker counts them: trainable parameters after `get_peft_model` (not costs.py)."""
     import torch
     from peft import get_peft_model
-    from transformers import SwinConfig, SwinModel
+    from transformers import AutoModel
 
     import peft_tglora  # noqa: F401
     from peft_tglora import TGLoraConfig
 
-    key = bench.plan()
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModel.from_config(config), TGLoraConfig(tasks=TASKS, task_groups=task_groups, r=r))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("backbone", ["tiny-swin", "tiny-pvtv2"])
+def test_equal_parameter_ranks_are_equal_parameters_and_nearest(backbone):
+    import bench_accuracy as bench
+
+    config = _tiny_backbone_config(backbone)
+    ranks, counts = bench.equal_parameter_ranks(config)
+    assert ranks["per_task"] == bench.PER_TASK_RANK
+    groups = {"shared": "shared", "per_task": "per_task", "tree": [1, 1, 2, 4]}
+    target = _trainable(config, "per_task", ranks["per_task"])
+    for name in ("shared", "tree"):
+        got = _trainable(config, groups[name], ranks[name])
+        assert got == counts[name]
+        assert abs(got / target - 1) <= 0.02, (name, got, target)
+        # the rule takes the nearest rank: one rank up or down is not nearer to per-task's count
+        for other in (ranks[name] - 1, ranks[name] + 1):
+            if other >= 1:
+                assert abs(_trainable(config, groups[name], other) - target) >= abs(got - target), (name, other)
+    if backbone == "tiny-swin":  # the ranks of the saved tiny-swin results (benchmarks/results/accuracy)
+        assert ranks == {"shared": 20, "per_task": 5, "tree": 7}
+
+
+def test_plan_runs_at_the_given_ranks():
+    import bench_accuracy as bench
+
+    ranks = {"shared": 12, "per_task": 3, "tree": 4}  # any ranks: the plan must only place them
+    key = bench.plan(ranks)
     names = [j["name"] for j in key]
     for row in ("shared", "per_task", *(f"single_task {t}" for t in TASKS)):
         assert sorted(j["seed"] for j in key if j["name"] == row) == bench.SEEDS
     assert sum(n.startswith("partition") for n in names) == 7
-    extra = bench.plan(rep.two_group_partitions(TASKS)[1])
+    assert {j["r"] for j in key if j["name"] == "per_task"} == {3}
+    assert {j["r"] for j in key if j["name"] == "shared" or j["name"].startswith("single_task")} == {12}
+    assert {j["r"] for j in key if j["name"].startswith("partition")} == {4}
+    extra = bench.plan(ranks, rep.two_group_partitions(TASKS)[1])
     assert sorted(j["seed"] for j in extra if j["name"] == "tglora_sim") == bench.SEEDS[1:]
-    # the equal-parameter ranks, counted by the tuner on the benchmark's backbone architecture
-    counts = {}
-    for name, groups in (("shared", "shared"), ("per_task", "per_task"), ("tree", [1, 1, 2, 4])):
-        torch.manual_seed(0)
-        config = SwinConfig(image_size=64, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=2)
-        model = get_peft_model(SwinModel(config), TGLoraConfig(tasks=TASKS, task_groups=groups, r=bench.RANKS[name]))
-        counts[name] = model.get_nb_trainable_parameters()[0]
-    assert counts["shared"] == counts["per_task"]
-    assert abs(counts["tree"] / counts["shared"] - 1) < 0.05, counts
+    equal_rank = {j["name"]: j["r"] for j in extra if j["arm"] == "equal rank"}
+    assert equal_rank == {"per_task r4": 4, "shared r4": 4}  # the equal-rank arm: every variant at the tree's rank
+
+
+def test_each_backbone_has_its_own_folder_picture_heading_and_protocol(tmp_path):
+    import bench_accuracy as bench
+    import torch
+    from transformers import AutoModel
+
+    assert bench.default_out("tiny-swin") == REPO / "benchmarks" / "results" / "accuracy"
+    assert bench.default_out("tiny-pvtv2") == REPO / "benchmarks" / "results" / "accuracy_tiny-pvtv2"
+    swin, pvt = bench.section_heading("tiny-swin"), bench.section_heading("tiny-pvtv2")
+    assert swin == "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"  # RESULTS.md's
+    assert pvt != swin and "tiny-pvtv2" in pvt
+    config = _tiny_backbone_config("tiny-pvtv2")
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModel.from_config(config).parameters())
+    text = " ".join(bench.protocol("tiny-pvtv2", tmp_path, {"shared": 20, "per_task": 5, "tree": 7}).split())
+    assert "`python benchmarks/bench_accuracy.py run --backbone tiny-pvtv2`" in text
+    assert f"Frozen tiny-pvtv2 ({size / 1e6:.1f}M parameters, widths 32-64-128-256, depths 2-2-2-2" in text
+    assert "Swin" not in text
+
+
+def test_replace_section_keeps_every_other_section_wherever_it_is():
+    import bench_accuracy as bench
+
+    swin, pvt = bench.section_heading("tiny-swin"), bench.section_heading("tiny-pvtv2")
+    text = (
+        f"## Before\n\nkeep 1\n\n{swin}\n\nold swin\n\n| a |\n\n## Issue 10\n\n```bash\n## not a heading\n```\n"
+        "\nkeep 2\n\n### sub\n\nkeep 3\n"
+    )
+    once = bench.replace_section(text, pvt, "new pvt")  # absent: appended at the end
+    assert once == text + f"\n{pvt}\n\nnew pvt\n"
+    twice = bench.replace_section(once, swin, "new swin\n\n| b |")  # in the middle: only its own lines change
+    expected = once.replace("old swin\n\n| a |", "new swin\n\n| b |")
+    assert twice == expected
+    assert bench.replace_section(twice, swin, "new swin\n\n| b |") == twice  # idempotent
+    assert bench.replace_section(twice, pvt, "pvt again").endswith(f"{pvt}\n\npvt again\n")
+    # a section whose next heading is inside a code block runs past the block, to the next real heading
+    fenced = f"{swin}\n\nold\n```\n## inside\n```\n\n## Next\n\nkeep\n"
+    assert bench.replace_section(fenced, swin, "new") == f"{swin}\n\nnew\n\n## Next\n\nkeep\n"
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"camvid_mt is absent (looked in {DATA}); CI has it there")
