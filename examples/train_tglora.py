@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from peft import get_peft_model
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -32,7 +31,7 @@ from peft_tglora import TGLoraConfig
 from peft_tglora._registration import upstream_deprecations_silenced
 from peft_tglora.tasks import (
     DATASETS,
-    collate,
+    build_dataloaders,
     delta_m,
     evaluation,
     grouping,
@@ -70,18 +69,11 @@ def get_dataloaders(config, args, accelerator):
         training_data.check_splits({"train": train, args.eval_split: val}, tasks, accelerator)
     # decode + resize once (cached with --cache_decoded), then scale / rotate, flip, normalise with a per-sample seed
     augment = options.augmentation(args.augmentation, args.dataset)
-    train_set, eval_set = training_data.seeded_datasets(train, val, tasks, size, config["seed"], args.cache_decoded, augment)  # fmt: skip
-    common = dict(collate_fn=collate, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
-    # own generators: starting an epoch or an evaluation then draws no number from the global RNG, which dropout and
-    # stochastic depth use, so a resumed run's model sees the same random numbers as an uninterrupted one
-    generator = torch.Generator().manual_seed(config["seed"])
-    train_dataloader = DataLoader(
-        train_set, batch_size=config["batch_size"], shuffle=True, drop_last=True, generator=generator, **common
-    )
-    eval_dataloader = DataLoader(
-        eval_set, batch_size=args.eval_batch_size or config["batch_size"], generator=torch.Generator(), **common
-    )
-    return train_dataloader, eval_dataloader
+    return build_dataloaders(
+        train, val, tasks, image_size=size, batch_size=config["batch_size"], eval_batch_size=args.eval_batch_size,
+        num_workers=args.num_workers, seed=config["seed"], augment=augment, cache=args.cache_decoded,
+        pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
 
 
 def build_model(config, args, save_base_to=None):

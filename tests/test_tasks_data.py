@@ -172,7 +172,6 @@ def test_hub_path_with_local_parquet_copy(synthetic, tmp_path):
 
 
 def test_build_dataloaders_batches(synthetic):
-    torch.manual_seed(0)
     train, val = build_dataloaders(synthetic, synthetic, ALL_TASKS, image_size=12, batch_size=4, crop=8)
     batch = next(iter(train))
     assert set(batch) == {"pixel_values", *ALL_TASKS}
@@ -182,3 +181,68 @@ def test_build_dataloaders_batches(synthetic):
     assert len(train) == 1  # drop_last with 6 rows and batch 4
     sizes = [b["semseg"].shape[0] for b in val]
     assert sizes == [4, 2] and next(iter(val))["pixel_values"].shape[-2:] == (12, 12)
+
+
+def _batches(loader) -> list[dict]:
+    return [dict(batch) for batch in loader]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
+
+
+def test_build_dataloaders_repeat_for_a_seed_whatever_the_global_rng_workers_and_cache(synthetic):
+    from peft_tglora.tasks.transforms import RandomScaleRotate
+
+    kwargs = dict(image_size=12, batch_size=2, crop=10, augment=[RandomScaleRotate()])
+    torch.manual_seed(0)
+    first = _batches(build_dataloaders(synthetic, synthetic, ALL_TASKS, seed=5, **kwargs)[0])
+    torch.manual_seed(1)  # augmentation draws nothing from the global RNG, nor from per-worker seeds
+    again = _batches(
+        build_dataloaders(synthetic, synthetic, ALL_TASKS, seed=5, num_workers=2, cache=True, **kwargs)[0]
+    )
+    assert len(first) == 3 and _same(first, again)
+    other = _batches(build_dataloaders(synthetic, synthetic, ALL_TASKS, seed=6, **kwargs)[0])
+    assert not _same(first, other)
+
+
+def test_build_dataloaders_flip_follows_row_and_epoch_and_eval_is_not_augmented(synthetic):
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def reference(i, flipped):  # by hand: the stored row (already 16 px), mirrored or not, normalised
+        sample = _sample(synthetic, i)
+        if flipped:
+            sample = {k: v.flip(-1) for k, v in sample.items()}
+            sample["normals"] = sample["normals"] * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+        sample["pixel_values"] = (sample.pop("image") - mean) / std
+        return sample
+
+    def matches(sample, ref):
+        return sample.keys() == ref.keys() and all(torch.equal(sample[k], ref[k]) for k in ref)
+
+    rows = range(len(synthetic))
+    references = {(i, f): reference(i, f) for i in rows for f in (False, True)}
+    train, val = build_dataloaders(synthetic, synthetic, ALL_TASKS, image_size=16, batch_size=3, seed=2)
+
+    def flips(epoch):  # per row: mirrored or not in `epoch`; a sample that is neither fails
+        train.dataset.set_epoch(epoch)
+        found = [[f for f in (False, True) if matches(train.dataset[i], references[i, f])] for i in rows]
+        assert all(len(f) == 1 for f in found), found
+        return tuple(f for (f,) in found)
+
+    per_epoch = [flips(epoch) for epoch in range(6)]
+    assert len(set(per_epoch)) > 1, "a new epoch must draw new flips"
+    assert {f for epoch in per_epoch for f in epoch} == {False, True}
+    torch.manual_seed(123)
+    assert flips(4) == per_epoch[4]  # an epoch's samples repeat
+    for batch in train:  # the loader serves epoch 4's samples
+        for j in range(len(batch["semseg"])):
+            sample = {k: v[j] for k, v in batch.items()}
+            assert any(matches(sample, references[i, per_epoch[4][i]]) for i in rows)
+    expected = [references[i, False] for i in rows]
+    for _ in range(2):  # in order, never mirrored, whatever the epoch
+        served = [{k: v[j] for k, v in batch.items()} for batch in val for j in range(len(batch["semseg"]))]
+        assert len(served) == len(expected) and all(matches(s, r) for s, r in zip(served, expected))
+        val.dataset.set_epoch(3)

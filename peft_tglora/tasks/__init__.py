@@ -6,7 +6,6 @@ Kept apart from the tuner (DESIGN.md): nothing in `peft_tglora`'s core imports t
 
 from .data import (
     MultiTaskDataset,
-    build_dataloaders,
     collate,
     decode_example,
     decode_label,
@@ -28,6 +27,7 @@ from .specs import (
     num_outputs_for,
 )
 from .synthetic import make_synthetic_multitask
+from .training_data import build_dataloaders
 from .transforms import (
     Compose,
     Normalize,

@@ -4,7 +4,8 @@ Data sets for multi-task dense prediction: loading (local folder or Hub), decodi
 `load_multitask_dataset` returns a `datasets.Dataset` with an `"image"` column and one column per task, in any of the
 stored forms `decode_example` understands (PIL images, numpy arrays / nested lists, or paths to .png / .jpg / .npy
 files). `MultiTaskDataset` decodes and transforms rows into tensors; `collate` stacks them into the batch dict the
-heads and losses take. docs/TASKS.md documents the folder layout and the label encodings.
+heads and losses take; `training_data.build_dataloaders` builds the loaders. docs/TASKS.md documents the folder layout
+and the label encodings.
 
 `datasets` is imported inside the functions that need it, so `import peft_tglora` works without the `train` extra.
 """
@@ -202,48 +203,3 @@ def save_multitask_folder(dataset, root: str | os.PathLike, split: str, tasks: S
                 dtype = np.uint16 if spec.kind == "binary" else np.uint8
                 Image.fromarray(label.astype(dtype)).save(split_dir / task / f"{stem}.png")
     return split_dir
-
-
-def build_dataloaders(
-    train_dataset,
-    eval_dataset,
-    tasks: Sequence[str],
-    *,
-    image_size: int | Sequence[int],
-    batch_size: int,
-    eval_batch_size: int | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    crop: int | Sequence[int] | None = None,
-    augment: Sequence = (),
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """
-    Train and eval loaders over `datasets.Dataset`s from `load_multitask_dataset`.
-
-    Training resizes to `image_size`, applies `augment` (e.g. `transforms.reference_augmentation("pascal_context")`,
-    the field's random scale and rotation), random-crops to `crop` if given, flips at random and normalises; its
-    shuffling is seeded by `seed`, and so is augmentation when `num_workers > 0` (else it follows `torch.manual_seed`). Evaluation resizes and normalises, so its metrics are computed at
-    `image_size`, not at each image's original size.
-    """
-    from .transforms import eval_transforms, train_transforms
-
-    generator = torch.Generator().manual_seed(seed)
-    train = torch.utils.data.DataLoader(
-        MultiTaskDataset(train_dataset, tasks, train_transforms(image_size, crop=crop, augment=augment)),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(train_dataset) > batch_size,
-        num_workers=num_workers,
-        collate_fn=collate,
-        # with workers, augmentation draws from torch's global RNG, which DataLoader seeds per worker from
-        # `generator`; with num_workers=0 it follows the main process's RNG (torch.manual_seed)
-        generator=generator,
-    )
-    evaluation = torch.utils.data.DataLoader(
-        MultiTaskDataset(eval_dataset, tasks, eval_transforms(image_size)),
-        batch_size=eval_batch_size or batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate,
-    )
-    return train, evaluation

@@ -1,5 +1,6 @@
 """
-Training-side data: samples augmented from a per-sample seed, and the up-front check that every row decodes.
+Training-side data: samples augmented from a per-sample seed, the loaders built on them (`build_dataloaders`), and the
+up-front check that every row decodes.
 
 Both name the files of a row that cannot be decoded, so that a bad image fails with its path (before the first step
 with `check_split`, or at its batch otherwise) rather than with a bare decoding error.
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import MultiTaskDataset, decode_example
+from .data import MultiTaskDataset, collate, decode_example
 
 
 def _undecoded(dataset):
@@ -155,16 +156,47 @@ def load_splits(
     return load_multitask_dataset(dataset, "train", **kwargs), load_multitask_dataset(dataset, eval_split, **kwargs)
 
 
-def seeded_datasets(
-    train, val, tasks: Sequence[str], image_size, seed: int = 0, cache: bool = False, augment: Sequence = ()
-):
+def build_dataloaders(
+    train_dataset,
+    eval_dataset,
+    tasks: Sequence[str],
+    *,
+    image_size: int | Sequence[int],
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    crop: int | Sequence[int] | None = None,
+    augment: Sequence = (),
+    cache: bool = False,
+    pin_memory: bool = False,
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """
-    `(train_set, eval_set)`: both decode and resize to `image_size` once (training rows kept in memory with `cache`);
-    training samples then go through `augment` (e.g. `transforms.reference_augmentation(dataset)`) and a flip with a
-    per-(seed, epoch, sample) generator, and both are normalised.
-    """
-    from .transforms import Compose, Normalize, RandomHorizontalFlip, Resize
+    Train and eval loaders over `datasets.Dataset`s from `load_multitask_dataset` (or `load_splits`).
 
-    augment = Compose([*augment, RandomHorizontalFlip(0.5), Normalize()])
-    train_set = SeededMultiTaskDataset(train, tasks, augment, seed=seed, prepare=Resize(image_size), cache=cache)
-    return train_set, SeededMultiTaskDataset(val, tasks, Normalize(), prepare=Resize(image_size))  # no randomness
+    Both decode each row and resize it to `image_size` (training rows kept in memory with `cache`). Training then
+    applies `augment` (e.g. `transforms.reference_augmentation("pascal_context")`, the field's random scale and
+    rotation), random-crops to `crop` if given, flips at random and normalises, with a generator seeded by
+    `(seed, epoch, row)` (`SeededMultiTaskDataset`): the same samples in every process, worker and resumed run, new
+    ones after `train.dataset.set_epoch(epoch)`. `seed` also seeds the shuffling. Evaluation only normalises, so its
+    metrics are computed at `image_size`, not at each image's original size.
+    """
+    from .transforms import Resize, eval_transforms, train_transforms
+
+    # the pipelines' own Resize finds every map at `image_size` already (resized, and cached, by `prepare`): a no-op
+    train_set = SeededMultiTaskDataset(
+        train_dataset, tasks, train_transforms(image_size, crop=crop, augment=augment), seed=seed,
+        prepare=Resize(image_size), cache=cache,
+    )  # fmt: skip
+    eval_set = SeededMultiTaskDataset(eval_dataset, tasks, eval_transforms(image_size), prepare=Resize(image_size))
+    common = dict(collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory)
+    # own generators: starting an epoch or an evaluation then draws no number from the global RNG, which dropout and
+    # stochastic depth use, so a resumed run's model sees the same random numbers as an uninterrupted one
+    train = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+        generator=torch.Generator().manual_seed(seed), **common,
+    )  # fmt: skip
+    evaluation = torch.utils.data.DataLoader(
+        eval_set, batch_size=eval_batch_size or batch_size, generator=torch.Generator(), **common
+    )
+    return train, evaluation
