@@ -68,3 +68,44 @@ def test_baselines_adapt_the_same_linears_and_replicate_streams_like_tglora(benc
 def test_cli_quick_arguments_parse(bench):
     with pytest.raises(SystemExit):
         bench.main(["--memory", "nonsense"])
+
+
+@pytest.fixture(scope="module")
+def matmul_bench(bench):  # imports bench_tglora by name, which the `bench` fixture registered
+    path = BENCH.with_name("bench_grouped_matmul.py")
+    spec = importlib.util.spec_from_file_location("bench_grouped_matmul", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_grouped_matmul_records_the_grouped_layers_and_every_kernel_computes_its_matmul(matmul_bench, cfg):
+    layers = matmul_bench.grouped_layers(cfg)
+    # tree 1,1,2,4 on depths 1,1,2,1: stage 2 (2 blocks) and stage 3 (1 block) run groups, 6 adapted linears a block
+    stages = [name.split(".layers.")[1].split(".")[0] for name, _, _ in layers]
+    assert sorted(stages) == ["2"] * 12 + ["3"] * 6
+    for name, layer, shape in layers:
+        weights = layer.merged_group_weight
+        groups = {"2": 2, "3": 4}[name.split(".layers.")[1].split(".")[0]]
+        assert weights.shape[0] == groups
+        x = torch.randn(shape).reshape(-1, shape[-1])
+        rows = x.shape[0] // groups
+        bias, base = layer.get_base_layer().bias, layer.get_base_layer().weight
+        # naive references: each group's rows times its own weight, and every row times the base weight
+        per_group = torch.cat([x[g * rows : (g + 1) * rows] @ weights[g].T + bias for g in range(groups)])
+        one = x @ base.T + bias
+        assert not torch.allclose(per_group, one)  # the groups' weights differ from the base (B != 0)
+        expected = {"one_weight": one, "same_weight": one}
+        for kernel, call in matmul_bench.kernels(layer, x).items():
+            torch.testing.assert_close(call(), expected.get(kernel, per_group), rtol=1e-4, atol=1e-5, msg=kernel)
+
+
+def test_grouped_matmul_table_has_a_row_per_shape_and_a_total(matmul_bench, cfg):
+    rows = matmul_bench.run(cfg, repeats=1)
+    assert {(r["stage"], r["groups"]) for r in rows} == {(2, 2), (3, 4)}
+    assert sum(r["layers"] for r in rows) == 18
+    for r in rows:
+        assert r["ratios"] and all(math.isfinite(v["median"]) and v["median"] > 0 for v in r["ratios"].values())
+    table = matmul_bench.to_markdown(rows, cfg)
+    assert table.count("\n| 2 |") + table.count("\n| 3 |") == len(rows) and "| all grouped layers |" in table
