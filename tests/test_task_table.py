@@ -1,5 +1,6 @@
 """The task table drives decoding, transforms, losses and metrics; checked on hand-made maps and on camvid_mt."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -129,6 +130,15 @@ def test_every_task_has_a_complete_entry():
         assert spec.kind in ("classification", "binary", "regression")
         assert spec.map_rule.interpolation in ("nearest", "bilinear", "normals")
         assert spec.suffixes and all(s.startswith(".") for s in spec.suffixes)
+
+
+def test_metric_direction_follows_the_metric():
+    # the directions the table stated by hand before they were read from metrics.core.HIGHER_IS_BETTER
+    stated = {"semseg": True, "human_parts": True, "saliency": True, "normals": False, "depth": False,
+              "edges": True, "edge_texture": False}  # fmt: skip
+    assert {name: spec.higher_is_better for name, spec in TASKS.items()} == stated
+    with pytest.raises(ValueError, match="metric 'accuracy' has no direction.*HIGHER_IS_BETTER"):
+        dataclasses.replace(TASKS["semseg"], metric="accuracy")
 
 
 @needs_camvid

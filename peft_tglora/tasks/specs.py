@@ -16,7 +16,7 @@ import torch
 
 from . import labels, losses, outputs
 from .labels import IGNORE_INDEX
-from .metrics.core import RMSE, MaxF, MeanAngularError, MeanIoU, SaliencyMeter
+from .metrics.core import HIGHER_IS_BETTER, RMSE, MaxF, MeanAngularError, MeanIoU, SaliencyMeter
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class TaskSpec:
             the one `save_multitask_folder` writes.
         map_rule (`MapRule`): How resize, crop, flip and rotation move its map.
         loss (`Callable[[Tensor, Tensor], Tensor]`): `(head output at label size, label) -> scalar` (`losses.py`).
-        metric (`str`): The primary metric key its meter reports (the one Δm uses).
-        higher_is_better (`bool`): Whether a larger primary metric is better; Δm flips the sign where it is not.
+        metric (`str`): The primary metric key its meter reports (the one Δm uses); a key of
+            `metrics.core.HIGHER_IS_BETTER`, which gives its direction (the property `higher_is_better`).
         meter (`Callable[[int], meter]`): `num_outputs -> ` a streaming meter with `update(prediction, target)` and
             `compute() -> dict` (`metrics/core.py`).
         postprocess (`Callable[[Tensor], Tensor]`): Head output `[B, C, H, W]` → what the meter takes (`outputs.py`).
@@ -77,48 +77,59 @@ class TaskSpec:
     map_rule: MapRule
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     metric: str
-    higher_is_better: bool
     meter: Callable[[int], object]
     postprocess: Callable[[torch.Tensor], torch.Tensor]
     visualise: Callable
+
+    def __post_init__(self):
+        if self.metric not in HIGHER_IS_BETTER:
+            raise ValueError(
+                f"Task {self.name!r}: metric {self.metric!r} has no direction in metrics.core.HIGHER_IS_BETTER "
+                f"(known: {sorted(HIGHER_IS_BETTER)}); add it there."
+            )
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger primary metric is better; Δm flips the sign where it is not."""
+        return HIGHER_IS_BETTER[self.metric]
 
 
 TASKS: dict[str, TaskSpec] = {
     "semseg": TaskSpec(
         "semseg", "classification", 0, labels.decode_class_map, (".png",), CLASS_MAP,
-        losses.cross_entropy, "mIoU", True, MeanIoU, outputs.class_ids, outputs.colour_classes,
+        losses.cross_entropy, "mIoU", MeanIoU, outputs.class_ids, outputs.colour_classes,
     ),
     "human_parts": TaskSpec(
         "human_parts", "classification", 0, labels.decode_class_map, (".png",), CLASS_MAP,
-        losses.cross_entropy, "mIoU", True, MeanIoU, outputs.class_ids, outputs.colour_classes,
+        losses.cross_entropy, "mIoU", MeanIoU, outputs.class_ids, outputs.colour_classes,
     ),
     # MTI-Net / MTLoRA train saliency with a class-balanced BCE whose weight is the batch's background fraction, and
     # score it with maxF at beta^2 = 0.3
     "saliency": TaskSpec(
         "saliency", "binary", 1, labels.decode_binary_map, (".png",), CLASS_MAP,
-        losses.balanced_bce, "maxF", True, lambda _: SaliencyMeter(), outputs.probabilities, outputs.grey,
+        losses.balanced_bce, "maxF", lambda _: SaliencyMeter(), outputs.probabilities, outputs.grey,
     ),
     "normals": TaskSpec(
         "normals", "regression", 3, labels.decode_normals, (".npy", ".png"), NORMALS_MAP,
-        losses.normals_l1, "mean_angular_error", False, lambda _: MeanAngularError(), outputs.unit_vectors,
+        losses.normals_l1, "mean_angular_error", lambda _: MeanAngularError(), outputs.unit_vectors,
         outputs.colour_normals,
     ),
     "depth": TaskSpec(
         "depth", "regression", 1, labels.decode_depth, (".npy", ".png"), DEPTH_MAP,
-        losses.depth_l1, "rmse", False, lambda _: RMSE(), outputs.scalar_map, outputs.grey_near_bright,
+        losses.depth_l1, "rmse", lambda _: RMSE(), outputs.scalar_map, outputs.grey_near_bright,
     ),
     # edges are rare (~5% of PASCAL's pixels): MTI-Net weights positives by 0.95 and negatives by 0.05; maxF at
     # beta^2 = 1 is a pixel-exact proxy of the published ODS-F
     "edges": TaskSpec(
         "edges", "binary", 1, labels.decode_binary_map, (".png", ".npy"), CLASS_MAP,
-        partial(losses.balanced_bce, pos_weight=0.95), "maxF", True, lambda _: MaxF(beta_squared=1.0),
+        partial(losses.balanced_bce, pos_weight=0.95), "maxF", lambda _: MaxF(beta_squared=1.0),
         outputs.probabilities, outputs.grey,
     ),
     # Taskonomy's edge_texture (Sobel magnitude of the blurred grey image): every pixel is valid and 5 % of
     # camvid_mt's targets are exactly 0, so loss and RMSE run over all pixels, unlike depth's
     "edge_texture": TaskSpec(
         "edge_texture", "regression", 1, labels.decode_edge_texture, (".npy", ".png"), SMOOTH_MAP,
-        losses.l1, "rmse", False, lambda _: RMSE(zero_is_invalid=False), outputs.scalar_map, outputs.grey_stretched,
+        losses.l1, "rmse", lambda _: RMSE(zero_is_invalid=False), outputs.scalar_map, outputs.grey_stretched,
     ),
 }  # fmt: skip
 
