@@ -7,6 +7,7 @@ optimistic; `evaluate` re-scores the saved runs on any split in the same layout 
 
     python benchmarks/bench_accuracy.py run             # the whole benchmark, <= 45 min on an idle 2-core CPU
     python benchmarks/bench_accuracy.py run --backbone tiny-pvtv2   # the same on the second backbone
+    python benchmarks/bench_accuracy.py run --loss_balance initial   # the second protocol: losses balanced at init
     python benchmarks/bench_accuracy.py run --quick     # one variant pair, a few steps on 16 frames (CI)
     python benchmarks/bench_accuracy.py report          # rebuild table, verdicts and plot from the saved JSON
     python benchmarks/bench_accuracy.py report --backbone tiny-pvtv2
@@ -14,7 +15,8 @@ optimistic; `evaluate` re-scores the saved runs on any split in the same layout 
 
 Each run is a worker process (`worker JSON`, one torch thread), two at a time. The protocol below is fixed before the
 real run; the decision rules are in `accuracy_report.py`. Each backbone has its own results folder, picture and
-RESULTS.md section (tiny-swin's keep their first names: `results/accuracy/`, `accuracy.png`).
+RESULTS.md section (tiny-swin's keep their first names: `results/accuracy/`, `accuracy.png`), and so has each loss
+balance (`--loss_balance initial`, the rule in `bench_accuracy_worker.LOSS_BALANCE`: `results/accuracy_balanced/`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_accuracy_worker import DEFAULT_BALANCE, LOSS_BALANCE
+
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO / ".." / "shared" / "data" / "camvid_mt"
@@ -40,8 +44,9 @@ FIRST_BACKBONE = "tiny-swin"  # the first benchmark's: its folder, picture and R
 TASKS = ["semseg", "edges", "saliency", "edge_texture"]
 
 # The recipe, the same for every variant. Taken from the demo preset of examples/train_tglora.py (the tiny backbone's
-# settings), not tuned on these data; loss weights are camvid's DatasetSpec defaults, which put the four losses on one
-# scale at initialisation (each worker records its measured initial losses in its JSON: `init_losses`).
+# settings), not tuned on these data; loss weights follow --loss_balance (`bench_accuracy_worker.LOSS_BALANCE`): camvid's
+# DatasetSpec defaults, which balance trivial predictions, or 1 / each task's loss on the run's first batch (each
+# worker records its measured initial losses and its weights in its JSON: `init_losses`, `loss_weights`).
 RECIPE = dict(
     image_size=[120, 160], batch_size=8, epochs=6, learning_rate=2e-3, weight_decay=0.05, warmup_ratio=0.05,
     max_grad_norm=5.0, head_width=8, head_hidden=128, head_kernel=1, head_norm="batch", eval_batch_size=16,
@@ -90,10 +95,15 @@ def equal_parameter_ranks(backbone, image_size=(64, 64)) -> tuple[dict[str, int]
     return ranks, counts
 
 
-def default_out(backbone: str) -> Path:
-    """`benchmarks/results/accuracy` for tiny-swin (the first benchmark's folder), `accuracy_<backbone>` otherwise."""
+def run_label(backbone: str, loss_balance: str = DEFAULT_BALANCE) -> str:
+    """`accuracy` for tiny-swin with camvid's weights (the first benchmark), `accuracy_<backbone>` for another backbone,
+    `_balanced` after either for `--loss_balance initial`: the results folder's and the picture's name."""
     name = "" if backbone == FIRST_BACKBONE else "_" + re.sub(r"[^A-Za-z0-9+_-]+", "_", Path(backbone).name)
-    return REPO / "benchmarks" / "results" / f"accuracy{name}"
+    return f"accuracy{name}" + ("" if loss_balance == DEFAULT_BALANCE else "_balanced")
+
+
+def default_out(backbone: str, loss_balance: str = DEFAULT_BALANCE) -> Path:
+    return REPO / "benchmarks" / "results" / run_label(backbone, loss_balance)
 
 
 def plan(ranks: dict[str, int], similarity_partition=None, quick: bool = False) -> list[dict]:
@@ -163,8 +173,9 @@ def run_all(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backbone = resolve_backbone(args.backbone, out)
-    common = dict(backbone=str(backbone), data_root=str(args.data_root), out=str(out),
-                  quick=args.quick, resume=args.resume, recipe=dict(RECIPE, epochs=args.epochs or RECIPE["epochs"]))  # fmt: skip
+    common = dict(backbone=str(backbone), data_root=str(args.data_root), out=str(out), quick=args.quick,
+                  resume=args.resume, recipe=dict(RECIPE, epochs=args.epochs or RECIPE["epochs"]),
+                  loss_balance=args.loss_balance)  # fmt: skip
     ranks, counts = equal_parameter_ranks(backbone)
     print(f"equal-parameter ranks on {args.backbone}: {ranks}; adapter parameters {counts}", flush=True)
     start = time.perf_counter()
@@ -295,6 +306,12 @@ def report(
 
     runs, similarity = load_runs(out)
     runs = assemble(runs, similarity)
+    balances = {r.get("loss_balance", DEFAULT_BALANCE) for r in runs}  # runs before the option used camvid's weights
+    if len(balances) != 1:
+        raise ValueError(
+            f"The runs in {out} mix loss balance rules {sorted(balances)}; one folder holds one protocol."
+        )
+    (loss_balance,) = balances
     if quick:  # no single-task runs in --quick: Δm against the shared run, only to exercise the code path
         reference = {t: {rep.get_task_spec(t).metric: next(r for r in runs if r["name"] == "shared")["metrics"][t][
             rep.get_task_spec(t).metric]} for t in TASKS}  # fmt: skip
@@ -315,6 +332,10 @@ def report(
         )
     if wall:
         table += f" Benchmark wall time: {wall['wall_s'] / 60:.1f} min."
+    first = next((r for r in runs if r["name"] == "shared" and r["seed"] == 0), None)
+    if loss_balance != DEFAULT_BALANCE and first is not None:
+        weights = ", ".join(f"{t} {w:.3g}" for t, w in first["loss_weights"].items())
+        table += f"\n\nLoss weights 1 / L_t(0) of shared, seed 0: {weights}."
     if results_md is None:
         print(table)
     per_run = {f"{r['name']} seed {r['seed']}": r["delta_m"] for r in runs if "delta_m" in r}
@@ -322,23 +343,24 @@ def report(
         json.dumps(dict(result, reference=reference, delta_m_per_run=per_run), indent=2) + "\n"
     )
     write = results_md is not None and not dry
-    picture = "accuracy.png" if backbone == FIRST_BACKBONE else f"accuracy_{Path(backbone).name}.png"
+    picture = f"{run_label(backbone, loss_balance)}.png"
     rep.plot(runs, result, REPO / "benchmarks" / picture if write else out / f"accuracy_{title}.png")
     if results_md is not None:
         ranks = {row: next(r["r"] for r in runs if r["name"] == row) for row in ("shared", "per_task", "tglora_sim")}
-        text = protocol(backbone, runs[0]["backbone"], dict(ranks, tree=ranks.pop("tglora_sim")))
+        text = protocol(backbone, runs[0]["backbone"], dict(ranks, tree=ranks.pop("tglora_sim")), loss_balance)
         body = f"{textwrap.fill(' '.join(text.split()), 119, break_on_hyphens=False)}\n\n{table}"
         if dry:
-            print(f"{section_heading(backbone)}\n\n{body}")
+            print(f"{section_heading(backbone, loss_balance)}\n\n{body}")
         else:  # re-read just before writing: other sections of the file may have changed during the run
-            results_md.write_text(replace_section(results_md.read_text(), section_heading(backbone), body))
+            heading = section_heading(backbone, loss_balance)
+            results_md.write_text(replace_section(results_md.read_text(), heading, body))
     return result
 
 
-def section_heading(backbone: str) -> str:
-    if backbone == FIRST_BACKBONE:
-        return "## Accuracy on real images (issue 11): TGLoRA vs shared and per-task LoRA"
-    return f"## Accuracy on real images (issue 11) on {Path(backbone).name}: TGLoRA vs shared and per-task LoRA"
+def section_heading(backbone: str, loss_balance: str = DEFAULT_BALANCE) -> str:
+    where = "" if backbone == FIRST_BACKBONE else f" on {Path(backbone).name}"
+    balance = "" if loss_balance == DEFAULT_BALANCE else ", losses balanced at initialisation"
+    return f"## Accuracy on real images (issue 11){where}{balance}: TGLoRA vs shared and per-task LoRA"
 
 
 def replace_section(text: str, heading: str, body: str) -> str:
@@ -360,7 +382,7 @@ def replace_section(text: str, heading: str, body: str) -> str:
     return "\n".join([*lines[:start], *new, *after]) + "\n"
 
 
-def protocol(name: str, folder, ranks: dict[str, int]) -> str:
+def protocol(name: str, folder, ranks: dict[str, int], loss_balance: str = DEFAULT_BALANCE) -> str:
     """The protocol paragraph of `name`'s RESULTS.md section: the backbone's size and shape read from its folder."""
     import torch
     from transformers import AutoConfig, AutoModel
@@ -381,13 +403,17 @@ def protocol(name: str, folder, ranks: dict[str, int]) -> str:
     first = name == FIRST_BACKBONE
     command = "run" if first else f"run --backbone {name}"
     budget = "" if first else f" with {FIRST_BACKBONE}, and were kept unchanged for {name}"
+    weights = "camvid's default loss weights"
+    if loss_balance != DEFAULT_BALANCE:
+        command += f" --loss_balance {loss_balance}"
+        weights = "its own loss weights, see below"
     return f"""\
 `python benchmarks/bench_accuracy.py {command}` (camvid_mt train 367 frames → val 101 frames, 120x160; val shares sequence
 0016E5 with 204 train frames, so these are optimistic val scores; the hidden test split is scored with `evaluate`).
 Frozen {name} ({size:.1f}M parameters, {shape}) pretrained on CIFAR-10 at 64 px
 (`pretrain_backbone.py`). The recipe (`RECIPE` in the script: AdamW lr {RECIPE["learning_rate"]}, cosine with
 {RECIPE["warmup_ratio"]:.0%} warm-up, batch {RECIPE["batch_size"]}, {RECIPE["epochs"]} epochs, heads of width
-{RECIPE["head_width"]} / fusion {RECIPE["head_hidden"]}, camvid's default loss weights) comes from the demo preset, was
+{RECIPE["head_width"]} / fusion {RECIPE["head_hidden"]}, {weights}) comes from the demo preset, was
 not tuned on these data, and is the same for every row; the epochs were set from a measured epoch of the costliest
 variant so that the whole benchmark fits 45 minutes on an idle 2-core CPU{budget}. Equal-parameter arm: shared
 r={ranks["shared"]}, per-task r={ranks["per_task"]}, trees 1,1,2,4 r={ranks["tree"]} (adapter parameters counted by
@@ -396,7 +422,18 @@ per-task, tglora_sim and the single-task reference; seed 0 only for the other 6 
 the sanity rows (budget). Δm is against single-task LoRA (one task, shared r={ranks["shared"]}, same recipe), the mean
 over its seeds. Single-threaded workers, two at a time. Scale caveats: a {size:.1f}M-parameter backbone pretrained on
 CIFAR-10, 160x120 frames, three of the four tasks derived from one label map; nothing here speaks for {full} on
-PASCAL-Context."""
+PASCAL-Context.{"" if loss_balance == DEFAULT_BALANCE else BALANCED_PROTOCOL}"""
+
+
+BALANCED_PROTOCOL = """ Loss weights, the one change from the first protocol (fixed before this run; everything else,
+decision rules included, unchanged): losses balanced at initialisation: each run computes, on its first training
+batch, before any update (heads at their seed's init, adapters at identity), each task's unweighted loss L_t(0), and
+trains with weights w_t = 1 / L_t(0) (so every weighted loss starts at 1; the normalisation by initial loss that
+GradNorm and DWA start from). The same rule for every row, single-task references included. Why: camvid's default
+weights balance trivial predictions, so with random heads the first weighted losses are far apart (the first
+protocol's "Weighted task losses on the first batch"), and a shared adapter's gradient is then dominated by edge_texture early on, a bias
+against sharing that per-task adapters under Adam do not feel. The similarity uses unweighted per-task gradients and
+is unchanged by the rule."""
 
 
 def evaluate_saved(args) -> None:
@@ -431,11 +468,20 @@ def main(argv=None) -> None:
     p.add_argument("--data_root", default=DATA_ROOT)
     p.add_argument("--dry", action="store_true", help="report: print the RESULTS.md section; nothing is written")
     p.add_argument("--resume", action="store_true", help="run: skip runs whose summary JSON is already in --out")
+    p.add_argument(
+        "--loss_balance",
+        choices=LOSS_BALANCE,
+        default=DEFAULT_BALANCE,
+        help="run: camvid's default loss weights, or 1 / each task's loss on the run's first batch ('initial'); "
+        "also picks the default --out",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override RECIPE's epochs (budget measurements only)")
     p.add_argument("--eval_root", default=DATA_ROOT, help="evaluate: a folder in the camvid_mt layout")
     p.add_argument("--eval_split", default="val")
     args = p.parse_args(argv)
-    args.out = args.out or (REPO / "runs" / "bench_accuracy_quick" if args.quick else default_out(args.backbone))
+    args.out = args.out or (
+        REPO / "runs" / "bench_accuracy_quick" if args.quick else default_out(args.backbone, args.loss_balance)
+    )
     sys.path.insert(0, str(Path(__file__).parent))
     if args.command == "worker":
         from bench_accuracy_worker import work

@@ -17,6 +17,41 @@ import torch
 
 
 NUM_CLASSES = {"semseg": 11}
+# How a run weighs its task losses. "camvid_default": camvid's DatasetSpec weights, which balance trivial predictions
+# (the first two benchmarks). "initial", losses balanced at initialisation: each run computes, on its first training
+# batch, before any update (heads at their seed's init, adapters at identity), each task's unweighted loss L_t(0), and
+# trains with weights w_t = 1 / L_t(0), so every weighted loss starts at 1 (the normalisation by initial loss that
+# GradNorm and DWA start from). The same rule for every row, single-task references included.
+LOSS_BALANCE = ("camvid_default", "initial")
+DEFAULT_BALANCE = "camvid_default"
+
+
+def loss_weights(rule: str, first_losses: dict[str, float]) -> dict[str, float]:
+    """The weight of each task in `first_losses` (its unweighted loss on the run's first batch) under `rule`."""
+    from peft_tglora.tasks import default_loss_weights
+
+    if rule == "camvid_default":
+        return default_loss_weights("camvid", list(first_losses))
+    if rule != "initial":
+        raise ValueError(f"loss_balance={rule!r} is not one of {LOSS_BALANCE}.")
+    bad = {t: v for t, v in first_losses.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"loss_balance='initial' needs positive, finite first-batch losses; got {bad}.")
+    return {t: 1.0 / v for t, v in first_losses.items()}
+
+
+def first_step_loss(outputs: dict, batch: dict, rule: str) -> tuple[torch.Tensor, dict[str, float], dict]:
+    """
+    The first batch's weighted loss (with its graph), the run's loss weights under `rule` and the first batch's
+    losses, `{task: {"loss", "weighted"}}`: the weights are set from these losses before the first update.
+    """
+    from peft_tglora.tasks import multitask_loss
+
+    _, per_task = multitask_loss(outputs, batch)
+    weights = loss_weights(rule, {t: v.item() for t, v in per_task.items()})
+    loss, per_task = multitask_loss(outputs, batch, weights)
+    init_losses = {t: {"loss": v.item(), "weighted": v.item() * weights[t]} for t, v in per_task.items()}
+    return loss, weights, init_losses
 
 
 def _datasets(job: dict, tasks, split: str = "val", root=None, with_train: bool = True):
@@ -153,7 +188,7 @@ def _macs(model, recipe: dict) -> int:
 def train_run(job: dict) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
-    from peft_tglora.tasks import default_loss_weights, multitask_loss
+    from peft_tglora.tasks import multitask_loss
     from peft_tglora.tasks.evaluation import evaluate
     from peft_tglora.tasks.model import MultiTaskModel
 
@@ -170,7 +205,7 @@ def train_run(job: dict) -> dict:
     adapter_params = sum(p.numel() for p in backbone.parameters() if p.requires_grad)  # the tuner's trainable count
     heads, head_config = _heads(job, backbone, recipe)
     model = MultiTaskModel(backbone, heads)
-    weights = default_loss_weights("camvid", tasks)
+    weights = None  # set on the first batch by `first_step_loss`, from the job's loss_balance rule
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
     steps = QUICK_STEPS if job.get("quick") else recipe["epochs"] * len(loader)
@@ -181,9 +216,12 @@ def train_run(job: dict) -> dict:
     while step < steps:
         loader.dataset.epoch = epoch
         for batch in loader:
-            loss, per_task = multitask_loss(model(batch["pixel_values"]), batch, weights)
-            if init_losses is None:
-                init_losses = {t: {"loss": v.item(), "weighted": v.item() * weights[t]} for t, v in per_task.items()}
+            outputs = model(batch["pixel_values"])
+            if weights is None:
+                loss, weights, init_losses = first_step_loss(outputs, batch, job.get("loss_balance", DEFAULT_BALANCE))
+                per_task = {t: v["loss"] for t, v in init_losses.items()}
+            else:
+                loss, per_task = multitask_loss(outputs, batch, weights)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"Loss is {loss.item()} at step {step}; per task {per_task}.")
             optimizer.zero_grad(set_to_none=True)
@@ -204,6 +242,7 @@ def train_run(job: dict) -> dict:
         task_groups=peft_config.task_groups, adapter_params=adapter_params,
         head_params=sum(p.numel() for p in heads.parameters()), macs=_macs(model, recipe), steps=step,
         epochs=recipe["epochs"], metrics=metrics, init_losses=init_losses, loss_weights=weights,
+        loss_balance=job.get("loss_balance", DEFAULT_BALANCE),
         cpu_s=round(time.process_time() - cpu0, 1), train_cpu_s=round(train_cpu, 1),
         wall_s=round(time.perf_counter() - wall0, 1), torch_threads=torch.get_num_threads(), recipe=recipe,
         backbone=job["backbone"],

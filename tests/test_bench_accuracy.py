@@ -229,3 +229,110 @@ def test_random_backbone_run_reloads_with_its_own_weights(tmp_path):
     run = json.loads((tmp_path / f"{bench.slug(job['name'], 3)}.json").read_text())
     again = worker.score_saved(tmp_path / "runs" / bench.slug(job["name"], 3), DATA, "val", quick=True)
     assert again["saliency"] == pytest.approx(run["metrics"]["saliency"], rel=1e-5)
+
+
+def _tiny_batch():
+    """Head outputs and labels of one 1x2 image for camvid's four tasks, and each task's loss computed by hand."""
+    import torch
+
+    def log_sigmoid(x):
+        return -math.log1p(math.exp(-x))
+
+    logits = [[1.0, 0.0, -1.0], [0.5, 0.2, 2.0]]  # semseg, per pixel over 3 classes; labels 0 and 2
+    ce = [math.log(sum(math.exp(v) for v in row)) - row[c] for row, c in zip(logits, [0, 2])]
+    outputs = {
+        "semseg": torch.tensor(logits).T.reshape(1, 3, 1, 2),
+        "edges": torch.tensor([0.5, -1.0]).reshape(1, 1, 1, 2),
+        "saliency": torch.tensor([2.0, 0.0]).reshape(1, 1, 1, 2),
+        "edge_texture": torch.tensor([0.3, -0.2]).reshape(1, 1, 1, 2),
+    }
+    batch = {
+        "semseg": torch.tensor([[[0, 2]]]),
+        "edges": torch.tensor([[[1, 0]]]),
+        "saliency": torch.tensor([[[0, 1]]]),
+        "edge_texture": torch.tensor([[[0.1, 0.1]]]),
+    }
+    hand = {
+        "semseg": sum(ce) / 2,
+        # edges: positives weighted 0.95, negatives 0.05, over 2 pixels
+        "edges": -(0.95 * log_sigmoid(0.5) + 0.05 * log_sigmoid(1.0)) / 2,
+        # saliency: the positive weight is the batch's negative fraction, 1/2
+        "saliency": -(0.5 * log_sigmoid(-2.0) + 0.5 * log_sigmoid(0.0)) / 2,
+        "edge_texture": (0.2 + 0.3) / 2,
+    }
+    return {t: o.requires_grad_() for t, o in outputs.items()}, batch, hand
+
+
+def test_initial_loss_balance_starts_every_weighted_loss_at_one():
+    import bench_accuracy_worker as worker
+
+    outputs, batch, hand = _tiny_batch()
+    loss, weights, init = worker.first_step_loss(outputs, batch, "initial")
+    for task, value in hand.items():
+        assert init[task]["loss"] == pytest.approx(value, rel=1e-5), task
+        assert weights[task] == pytest.approx(1 / value, rel=1e-5), task
+        assert init[task]["weighted"] == pytest.approx(1.0, rel=1e-6), task
+    assert loss.item() == pytest.approx(4.0, rel=1e-6)  # the loss the first update backpropagates
+    loss.backward()
+    # d(w_t L_t)/d(output) = w_t dL_t/d(output): edge_texture's L1 gradient is sign / 2 pixels, scaled by 1 / 0.25
+    assert outputs["edge_texture"].grad.flatten().tolist() == pytest.approx([0.5 * 4, -0.5 * 4])
+
+
+def test_default_loss_balance_keeps_camvids_weights():
+    import bench_accuracy_worker as worker
+
+    outputs, batch, hand = _tiny_batch()
+    camvid = {"semseg": 1.0, "edges": 20.0, "saliency": 25.0, "edge_texture": 170.0}  # specs.py's camvid entry
+    loss, weights, init = worker.first_step_loss(outputs, batch, worker.DEFAULT_BALANCE)
+    assert worker.DEFAULT_BALANCE == "camvid_default" and weights == camvid
+    assert loss.item() == pytest.approx(sum(camvid[t] * hand[t] for t in hand), rel=1e-5)
+    assert init["edge_texture"]["weighted"] == pytest.approx(170 * 0.25, rel=1e-5)
+    with pytest.raises(ValueError, match="loss_balance"):
+        worker.loss_weights("uniform", {"semseg": 1.0})
+    with pytest.raises(ValueError, match="positive"):
+        worker.loss_weights("initial", {"semseg": 0.0})
+
+
+def test_balanced_protocol_has_its_own_folder_picture_heading_and_rule(tmp_path):
+    import bench_accuracy as bench
+
+    assert bench.default_out("tiny-swin", "initial") == REPO / "benchmarks" / "results" / "accuracy_balanced"
+    assert bench.run_label("tiny-swin", "initial") == "accuracy_balanced"  # the picture: accuracy_balanced.png
+    assert bench.run_label("tiny-swin") == "accuracy" and bench.run_label("tiny-pvtv2") == "accuracy_tiny-pvtv2"
+    assert bench.section_heading("tiny-swin", "initial") == (
+        "## Accuracy on real images (issue 11), losses balanced at initialisation: TGLoRA vs shared and per-task LoRA"
+    )
+    _tiny_backbone_config("tiny-swin").save_pretrained(tmp_path)
+    ranks = {"shared": 20, "per_task": 5, "tree": 7}
+    text = " ".join(bench.protocol("tiny-swin", tmp_path, ranks, "initial").split())
+    assert "`python benchmarks/bench_accuracy.py run --loss_balance initial`" in text
+    assert "trains with weights w_t = 1 / L_t(0)" in text and "single-task references included" in text
+    default = " ".join(bench.protocol("tiny-swin", tmp_path, ranks).split())
+    assert "camvid's default loss weights" in default and "L_t(0)" not in default
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"camvid_mt is absent (looked in {DATA}); CI has it there")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_worker_records_the_loss_balance_and_its_weights(tmp_path):
+    import bench_accuracy as bench
+    import bench_accuracy_worker as worker
+    import torch
+
+    backbone = bench.resolve_backbone("random-tiny-swin", tmp_path)
+    job = dict(kind="train", name="shared", variant="shared", arm="equal params", tasks=["saliency", "edge_texture"],
+               task_groups="shared", r=2, seed=0, backbone=str(backbone), data_root=str(DATA), out=str(tmp_path),
+               quick=True, recipe=dict(bench.RECIPE, epochs=1))  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        worker.work(dict(job, loss_balance="initial"))
+        balanced = json.loads((tmp_path / "shared-s0.json").read_text())
+        worker.work(job)  # no loss_balance in the job: the first two benchmarks' jobs
+        default = json.loads((tmp_path / "shared-s0.json").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    assert balanced["loss_balance"] == "initial" and default["loss_balance"] == "camvid_default"
+    assert default["loss_weights"] == {"saliency": 25.0, "edge_texture": 170.0}
+    for task in job["tasks"]:  # one seed: the same first batch, the same initial losses under both rules
+        assert balanced["init_losses"][task]["loss"] == pytest.approx(default["init_losses"][task]["loss"], rel=1e-6)
+        assert balanced["loss_weights"][task] == pytest.approx(1 / default["init_losses"][task]["loss"], rel=1e-6)
+        assert balanced["init_losses"][task]["weighted"] == pytest.approx(1.0, rel=1e-6)
