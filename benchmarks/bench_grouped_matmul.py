@@ -53,18 +53,20 @@ def _mkl_packed_linear():
         return None
 
 
-def grouped_layers(cfg: BenchConfig) -> list[tuple[str, TGLoraLayer, torch.Size]]:
-    """(name, layer, input shape) of every merged layer that runs more than one group in one forward."""
+def grouped_layers(cfg: BenchConfig) -> list[tuple[str, int, TGLoraLayer, torch.Size]]:
+    """(name, stage, layer, input shape) of every merged layer that runs more than one group in one forward."""
     model = tglora_model(cfg, build_backbone(cfg), cfg.task_groups, init_lora_weights=False)
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.merge_adapter(grouped=True)
     seen, handles = [], []
-    for name, module in model.named_modules():
+    tuner = model.base_model
+    for name, module in tuner.model.named_modules():
         weights = getattr(module, "merged_group_weight", None) if isinstance(module, TGLoraLayer) else None
         if weights is not None and weights.shape[0] > 1:
-            record = lambda m, args, name=name: seen.append((name, m, args[0].shape))  # noqa: E731
+            stage = tuner._stage_of_key(name)  # the tuner's own stage of a module, as its layers are told
+            record = lambda m, args, name=name, stage=stage: seen.append((name, stage, m, args[0].shape))  # noqa: E731
             handles.append(module.register_forward_pre_hook(record))
     with torch.inference_mode():
         model(pixel_values(cfg))
@@ -99,39 +101,36 @@ def kernels(layer: TGLoraLayer, x: torch.Tensor) -> dict[str, Callable[[], torch
     return steps
 
 
+def _repeated(step: Callable[[], torch.Tensor], repeats: int) -> Callable[[], None]:
+    def call():
+        for _ in range(repeats):
+            step()
+
+    return call
+
+
 def run(cfg: BenchConfig, repeats: int) -> list[dict]:
     torch.set_num_threads(cfg.threads)
-    layers = grouped_layers(cfg)
     by_shape = collections.defaultdict(list)
-    for name, layer, shape in layers:
+    for _, stage, layer, shape in grouped_layers(cfg):
         weights = layer.merged_group_weight
-        key = (name.split(".layers.")[1].split(".")[0], weights.shape[0], tuple(shape), weights.shape[1])
-        by_shape[key].append(layer)
+        by_shape[(stage, weights.shape[0], tuple(shape), weights.shape[1])].append(layer)
     rows = []
     for (stage, groups, shape, out_features), members in by_shape.items():
         x = torch.randn(shape, device=cfg.device).reshape(-1, shape[-1])  # [G * n, in]
         steps = kernels(members[0], x)
-
-        def repeated(step):
-            def call():
-                for _ in range(repeats):
-                    step()
-
-            return call
-
         with torch.inference_mode():
-            times = time_round_robin({k: repeated(v) for k, v in steps.items()}, cfg)
-        in_features = shape[-1]
+            times = time_round_robin({k: _repeated(v, repeats) for k, v in steps.items()}, cfg)
         ratios = {
             k: summarize([t / b for t, b in zip(times[k], times["one_weight"])]) for k in steps if k != "one_weight"
         }
         rows.append(
             dict(
-                stage=int(stage),
+                stage=stage,
                 layers=len(members),
                 groups=groups,
-                rows_per_group=int(torch.Size(shape).numel() // in_features // groups),
-                in_features=in_features,
+                rows_per_group=x.shape[0] // groups,
+                in_features=x.shape[1],
                 out_features=out_features,
                 one_weight_ms=1e3 * summarize(times["one_weight"])["median"] / repeats,
                 ratios=ratios,

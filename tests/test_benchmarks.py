@@ -83,9 +83,10 @@ def matmul_bench(bench):  # imports bench_tglora by name, which the `bench` fixt
 def test_grouped_matmul_records_the_grouped_layers_and_every_kernel_computes_its_matmul(matmul_bench, cfg):
     layers = matmul_bench.grouped_layers(cfg)
     # tree 1,1,2,4 on depths 1,1,2,1: stage 2 (2 blocks) and stage 3 (1 block) run groups, 6 adapted linears a block
-    stages = [name.split(".layers.")[1].split(".")[0] for name, _, _ in layers]
+    stages = [name.split(".layers.")[1].split(".")[0] for name, _, _, _ in layers]
     assert sorted(stages) == ["2"] * 12 + ["3"] * 6
-    for name, layer, shape in layers:
+    assert [stage for _, stage, _, _ in layers] == [int(s) for s in stages]
+    for name, _, layer, shape in layers:
         weights = layer.merged_group_weight
         groups = {"2": 2, "3": 4}[name.split(".layers.")[1].split(".")[0]]
         assert weights.shape[0] == groups
