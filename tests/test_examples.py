@@ -144,8 +144,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-DIGESTS = """
-import hashlib, importlib.util, os, sys
+# for the patched-run scripts below: the example loaded from argv[1] (RUN_EXAMPLE: and run on the rest of argv)
+LOAD_EXAMPLE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("train_tglora", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+"""
+RUN_EXAMPLE = LOAD_EXAMPLE + "module.main(sys.argv[2:])\n"
+
+
+DIGESTS = (
+    """
+import hashlib, os
 import peft_tglora.tasks.evaluation as evaluation
 evaluate = evaluation.evaluate
 def evaluate_and_digest(model, *args, **kwargs):  # each process writes a SHA-256 of its trained weights
@@ -157,11 +168,9 @@ def evaluate_and_digest(model, *args, **kwargs):  # each process writes a SHA-25
     return evaluate(model, *args, **kwargs)
 import torch
 evaluation.evaluate = evaluate_and_digest
-spec = importlib.util.spec_from_file_location("train_tglora", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-module.main(sys.argv[2:])
 """
+    + RUN_EXAMPLE
+)
 
 
 @pytest.mark.slow
@@ -305,8 +314,9 @@ def test_nonfinite_steps_skipped_up_to_the_limit_and_results_are_strict_json(tmp
                      patches={"multitask_loss": nan_on_call(2, 3)})  # fmt: skip
 
 
-KILLED_MID_SAVE = """
-import importlib.util, os, sys, time
+KILLED_MID_SAVE = (
+    """
+import os, time
 import accelerate.checkpointing as checkpointing
 save = checkpointing.save
 def save_and_hang(obj, path, *args, **kwargs):
@@ -316,11 +326,9 @@ def save_and_hang(obj, path, *args, **kwargs):
         time.sleep(600)
     return save(obj, path, *args, **kwargs)
 checkpointing.save = save_and_hang
-spec = importlib.util.spec_from_file_location("train_tglora", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-module.main(sys.argv[2:])
 """
+    + RUN_EXAMPLE
+)
 
 
 @pytest.mark.slow
@@ -431,11 +439,10 @@ def test_checkpoints_rotate(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_4"]
 
 
-STALLED_RANK = """
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("train_tglora", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+STALLED_RANK = (
+    LOAD_EXAMPLE
+    + """
+import os, time
 multitask_loss = module.multitask_loss
 calls = []
 def stall_rank_1(*args, **kwargs):
@@ -446,6 +453,7 @@ def stall_rank_1(*args, **kwargs):
 module.multitask_loss = stall_rank_1
 module.main(sys.argv[2:])
 """
+)
 
 
 @pytest.mark.slow
